@@ -1,0 +1,3 @@
+from parallax.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""What every data source yields, and the interface the trainer reads it through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """One batch of next-token prediction examples, all (B, T).
+
+    ``loss_mask`` marks the positions that are scored; ``labels`` holds a per-token difficulty
+    label, an index into the source's ``label_names`` (used by the K-DOF analysis).
+    """
+
+    input_ids: Tensor
+    targets: Tensor
+    loss_mask: Tensor
+    labels: Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+class DataSource:
+    """A source of batches. Subclasses set ``vocab_size``, ``seq_len`` and ``label_names``.
+
+    ``batch`` draws all its randomness from ``generator`` so the trainer controls determinism:
+    it seeds one generator per (seed, split, step, rank), which makes resumed and distributed
+    runs see exactly the data an uninterrupted single-process run would.
+    """
+
+    vocab_size: int
+    seq_len: int
+    label_names: tuple[str, ...] = ("token",)
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        """Human-readable text for token ids (tasks print symbols, text sources detokenize)."""
+        return " ".join(str(i) for i in ids)
+
+    def fingerprint(self) -> str:
+        """A short string identifying the data, recorded in the run directory."""
+        return type(self).__name__

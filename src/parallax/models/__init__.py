@@ -1,0 +1,20 @@
+"""Model architectures. Importing this package registers every model by name.
+
+Every model is an ``nn.Module`` built from its config dataclass whose
+``forward(input_ids, targets=None, loss_mask=None)`` returns a ``ModelOutput``. Causal models
+that decode incrementally also provide ``new_cache(batch, max_len)`` and accept ``cache=``.
+"""
+
+from parallax.models import transformer  # noqa: F401  (registers)
+from parallax.models.output import ModelOutput, count_parameters, lm_loss, token_loss
+from parallax.registry import MODELS
+
+
+def build_model(cfg):
+    """Build the registered model whose config class is ``type(cfg)``."""
+    from parallax.config import section_name
+
+    return MODELS.get(section_name(MODELS, cfg)).builder(cfg)
+
+
+__all__ = ["ModelOutput", "build_model", "count_parameters", "lm_loss", "token_loss", "MODELS"]
