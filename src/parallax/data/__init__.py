@@ -1,8 +1,15 @@
-"""Data sources. Importing this package registers every task by name."""
+"""Data sources: synthetic tasks and text. Importing this package registers each by name.
 
-from parallax.data import tasks  # noqa: F401  (registers)
+Adding a task is adding a module here that calls ``DATA.register``.
+"""
+
+import sys
+
 from parallax.data.batch import Batch, DataSource
+from parallax.discovery import import_submodules
 from parallax.registry import DATA
+
+import_submodules(sys.modules[__name__])
 
 
 def build_data(cfg) -> DataSource:

@@ -3,11 +3,16 @@
 Every model is an ``nn.Module`` built from its config dataclass whose
 ``forward(input_ids, targets=None, loss_mask=None)`` returns a ``ModelOutput``. Causal models
 that decode incrementally also provide ``new_cache(batch, max_len)`` and accept ``cache=``.
+Adding a model is adding a module (or sub-package) here that calls ``MODELS.register``.
 """
 
-from parallax.models import transformer  # noqa: F401  (registers)
+import sys
+
+from parallax.discovery import import_submodules
 from parallax.models.output import ModelOutput, count_parameters, lm_loss, token_loss
 from parallax.registry import MODELS
+
+import_submodules(sys.modules[__name__])
 
 
 def build_model(cfg):

@@ -1,0 +1,1 @@
+"""One module per ``parallax`` subcommand (``prepare_text.py`` -> ``parallax prepare-text``)."""

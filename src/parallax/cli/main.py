@@ -1,0 +1,55 @@
+"""The ``parallax`` command: a thin layer of argument parsing over plain functions.
+
+Each subcommand lives in ``parallax/cli/commands/<name>.py`` and defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. User errors (``ParallaxError``) print one
+line on stderr and exit with the error's code; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from parallax import __version__
+from parallax.cli import commands
+from parallax.discovery import import_submodules
+from parallax.errors import ParallaxError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parallax",
+        description="Train, evaluate and inspect language models whose depth is a test-time knob.",
+    )
+    parser.add_argument("--version", action="version", version=f"parallax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in import_submodules(commands):
+        name = module.__name__.rsplit(".", 1)[1].replace("_", "-")
+        doc = (module.__doc__ or "").strip()
+        cmd = sub.add_parser(
+            name, help=module.HELP, description=doc or module.HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.handler(args) or 0)
+    except ParallaxError as exc:
+        print(f"parallax {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"parallax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
