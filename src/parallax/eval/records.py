@@ -55,7 +55,8 @@ def collect_records(
     for i in range(batches):
         batch = source.batch(split, batch_size, batch_generator(seed, split, i)).to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(batch.input_ids)
+            # loss_mask tells non-causal models (EAM) which positions are the answer to hide
+            out = model(batch.input_ids, loss_mask=batch.loss_mask)
         logits = out.logits.float()
         mask = batch.loss_mask.bool()
         b, t = mask.shape
