@@ -50,7 +50,7 @@ class SequenceTask(DataSource):
         sep = torch.full((batch_size, 1), SEP, dtype=torch.long)
         seq = torch.cat([bos, x, sep, y], dim=1)
         mask = torch.zeros(batch_size, 2 * n + 1, dtype=torch.bool)
-        mask[:, n:] = True  # the target at position n is y_1 (the model has just read SEP)
+        mask[:, n + 1 :] = True  # target n + 1 is y_1: the model has just read SEP
         return Batch(seq[:, :-1], seq[:, 1:], mask, mask.long())
 
     def decode(self, ids: list[int]) -> str:

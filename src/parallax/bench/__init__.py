@@ -1,0 +1,1 @@
+"""Measurements behind ``parallax bench``: plain functions returning rows of numbers."""

@@ -1,0 +1,212 @@
+"""Run directories and atomic, verifiable checkpoints.
+
+A run directory describes itself::
+
+    RUN_DIR/
+      config.json               the resolved RunConfig
+      environment.json          versions, git revision, command line, data fingerprint
+      metrics.jsonl             one JSON object per logged step
+      events.out.tfevents.*     TensorBoard
+      checkpoints/
+        latest                  name of the newest complete checkpoint (written last)
+        step_00000600/
+          model.safetensors     weights (tied tensors stored once)
+          trainer_state.pt      optimizer, step, RNG; plain tensors and numbers only
+          meta.json             step, model name, sha256 of the two files above
+
+A checkpoint is assembled in a temporary folder, fsynced, renamed into place, and only then
+named in ``latest`` (itself replaced atomically). Killing the process at any moment leaves
+``latest`` pointing at a complete checkpoint. Loading verifies the hashes and never unpickles
+code: weights go through safetensors and the trainer state through ``weights_only`` loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from parallax.errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+WEIGHTS = "model.safetensors"
+STATE = "trainer_state.pt"
+META = "meta.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, model_name: str, trainer_state: dict, keep: int = 2
+) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` of them."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / WEIGHTS), metadata={"model": model_name, "step": str(step)})
+    torch.save(trainer_state, tmp / STATE)
+    meta = {
+        "step": step,
+        "model": model_name,
+        "sha256": {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)},
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    for name in (WEIGHTS, STATE, META):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(root / LATEST, final.name + "\n")
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist; the run directory is damaged")
+    return path
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / META).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"checkpoint {ckpt} has no readable {META}; it is incomplete or corrupt") from None
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check that every file is present and matches the hash recorded when it was written."""
+    meta = read_meta(ckpt)
+    for name, expected in meta.get("sha256", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is missing {name}")
+        if _sha256(path) != expected:
+            raise CheckpointError(f"checkpoint file {path} is corrupt (its sha256 does not match {META})")
+    return meta
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module, model_name: str) -> dict[str, Any]:
+    meta = verify_checkpoint(ckpt)
+    if meta.get("model") != model_name:
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds a {meta.get('model')!r} model, not the {model_name!r} model the config describes"
+        )
+    try:
+        missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=False)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read weights {ckpt / WEIGHTS}: {exc}") from None
+    except RuntimeError as exc:  # shape mismatch
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"weights in {ckpt} do not fit this model's shapes ({first[-1].strip() if first else exc})"
+        ) from None
+    if missing or unexpected:
+        names = sorted(missing)[:3] or sorted(unexpected)[:3]
+        raise CheckpointError(
+            f"weights in {ckpt} do not match the model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected tensors, e.g. {', '.join(names)})"
+        )
+    return meta
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise CheckpointError(f"cannot read trainer state {ckpt / STATE}: {type(exc).__name__}") from None
+
+
+def read_run_config(run_dir: Path, overrides: list[str] = ()):
+    from parallax.config import RunConfig
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {str(run_dir)!r} does not exist")
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} is not a run directory (it has no {CONFIG_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} is not valid JSON") from None
+    try:
+        return RunConfig.from_dict(raw, list(overrides))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: Any  # RunConfig
+    model: torch.nn.Module
+    source: Any  # DataSource
+    step: int
+    checkpoint: Path
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()) -> LoadedRun:
+    """Rebuild a run's model and data source from its directory and newest checkpoint.
+
+    ``overrides`` may change test-time knobs, e.g. ``["model.k_max=48"]``.
+    """
+    from parallax.data import build_data
+    from parallax.models import build_model
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir, overrides)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint yet")
+    source = build_data(cfg.data)
+    model = build_model(cfg.model)
+    meta = load_weights(ckpt, model, cfg.model_name)
+    model.to(device).eval()
+    return LoadedRun(run_dir, cfg, model, source, int(meta["step"]), ckpt)

@@ -1,0 +1,75 @@
+"""Train a model.
+
+With no arguments, trains the default job: the Central Workspace (cws) on BIND/RECALL, small
+enough for a laptop CPU. Settings resolve in order: built-in defaults, a TOML preset
+(--config), the shortcuts below, then key=value overrides, e.g.
+
+    parallax train --model transformer --task sort train.steps=400 model.d_model=64
+    parallax train --config configs/cws-mamba.toml --out runs/cws
+    parallax train --resume runs/cws train.steps=2000
+
+Run `parallax models -v` and `parallax tasks -v` for every model.* and data.* key.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+HELP = "train a model (default: cws on bind_recall)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.d_model=256 train.steps=500")
+    parser.add_argument("--config", metavar="FILE", help="TOML preset (see configs/)")
+    parser.add_argument("--model", help="architecture; shortcut for model.name=...")
+    parser.add_argument("--task", help="task or data source; shortcut for data.name=...")
+    parser.add_argument("--steps", type=int, help="shortcut for train.steps=...")
+    parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/MODEL-TASK-TIMESTAMP)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    parser.add_argument("--device", help="shortcut for train.device=... (auto, cpu, cuda, cuda:N)")
+    parser.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+
+
+def run(args) -> int:
+    import json
+
+    from parallax.config import RunConfig, load_toml
+    from parallax.errors import ConfigError
+    from parallax.train import resume_config, train
+
+    shortcuts = [f"model.name={args.model}"] if args.model else []
+    shortcuts += [f"data.name={args.task}"] if args.task else []
+    shortcuts += [f"train.steps={args.steps}"] if args.steps is not None else []
+    shortcuts += [f"train.device={args.device}"] if args.device else []
+    overrides = shortcuts + list(args.overrides)
+    if args.resume:
+        if args.config or args.model or args.task or args.out:
+            raise ConfigError("--resume continues a saved run; it takes only train.* overrides, not --config/--model/--task/--out")
+        cfg = resume_config(args.resume, overrides)
+        out = Path(args.resume)
+    else:
+        raw = load_toml(args.config) if args.config else {}
+        cfg = RunConfig.from_dict(raw, overrides)
+        out = Path(args.out or f"runs/{cfg.model_name}-{cfg.data_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    summary = train(cfg, out, resume=bool(args.resume))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    ev = summary["eval"]
+    print(f"run directory   {summary['run_dir']}")
+    print(f"steps           {summary['step']}  ({summary['seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s)")
+    print(f"parameters      {summary['parameters']:,}")
+    if ev:
+        print(f"val loss        {ev['loss']:.4f}")
+        print(f"token accuracy  {ev['token_accuracy']:.3f}   sequence accuracy {ev['sequence_accuracy']:.3f}")
+        if "mean_k" in ev:
+            print(f"mean K          {ev['mean_k']:.2f}")
+        for name, stats in ev.get("per_label", {}).items():
+            k = f"   mean K {stats['mean_k']:5.2f}" if "mean_k" in stats else ""
+            print(f"  {name:<16} accuracy {stats['accuracy']:.3f}   loss {stats['loss']:.3f}{k}   ({stats['tokens']} tokens)")

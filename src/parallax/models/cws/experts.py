@@ -1,0 +1,151 @@
+"""The experts: everything that writes per-slot proposals (B, T, S, d) into the workspace pool.
+
+Two clocks. The SSM expert is token-clocked: it reads the token stream once per forward (a
+context update) and its proposals stay fixed while the workspace iterates. The attention
+probe, the MLP probe and the SIREN prior are h-clocked: they are re-run on the normalised
+workspace state ``h_eff`` (B, T, d) at every iteration. The attention probe is both: its
+keys/values are token-clocked (computed once, cached during generation), its query is h.
+
+Position lives here (the SSM scan order, RoPE in the probe); the workspace itself never sees
+a position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from parallax.models.layers import KVCache, RotaryEmbedding, attention_mask
+from parallax.ops.ssm_scan import selective_scan
+
+
+class SSMExpert(nn.Module):
+    """Mamba-style selective SSM over the tokens: diagonal A, input-dependent delta, B and C.
+
+    ``read(x, state)`` scans the embeddings x (B, T, d) from ``state`` (B, d_inner, N), or
+    zeros, and returns the gated read (B, T, d) with the final state. ``proposals(read)`` turns
+    the read into this expert's slots (B, T, S, d). The read at position t has seen tokens
+    <= t, which is what lets the attention probe key on "the token before".
+    """
+
+    def __init__(self, dim: int, slots: int, n_state: int, expand: int, chunk_size: int):
+        super().__init__()
+        inner = expand * dim
+        self.slots, self.dim, self.chunk_size = slots, dim, chunk_size
+        self.dt_rank = math.ceil(dim / 16)
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * n_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(inner, n_state))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.to_slots = nn.Linear(dim, slots * dim, bias=False)
+        self.reset_expert_parameters()
+
+    def reset_expert_parameters(self) -> None:
+        """Mamba's init: A = -(1..N) per channel, step sizes log-uniform in [1e-3, 1e-1]."""
+        inner, n_state = self.A_log.shape
+        with torch.no_grad():
+            self.A_log.copy_(torch.log(torch.arange(1, n_state + 1, dtype=torch.float32)).expand(inner, -1))
+            self.D.fill_(1.0)
+            dt = torch.exp(torch.rand(inner) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+    def read(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        u, gate = self.in_proj(x).chunk(2, dim=-1)
+        n_state = self.A_log.shape[1]
+        dt, B, C = self.x_proj(u).split([self.dt_rank, n_state, n_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))
+        y, state = selective_scan(
+            u, delta, -torch.exp(self.A_log), B, C, self.D, state, self.chunk_size
+        )
+        return self.out_proj(y * F.silu(gate)), state
+
+    def proposals(self, read: Tensor) -> Tensor:
+        return self.to_slots(read).unflatten(-1, (self.slots, self.dim))
+
+
+class AttentionProbe(nn.Module):
+    """Causal attention read of the token sequence, queried by the workspace state.
+
+    One head per slot. Keys/values come from a token-clocked ``source`` (B, T, d_source) with
+    RoPE, built once per forward by ``keys_values``; the query of token t comes from its own
+    h_eff and attends to positions <= t. Output (B, T, S, d).
+    """
+
+    def __init__(self, dim: int, slots: int, head_dim: int, source_dim: int, rope_base: float):
+        super().__init__()
+        self.slots, self.head_dim = slots, head_dim
+        self.wq = nn.Linear(dim, slots * head_dim, bias=False)
+        self.wk = nn.Linear(source_dim, slots * head_dim, bias=False)
+        self.wv = nn.Linear(source_dim, slots * head_dim, bias=False)
+        self.wo = nn.Parameter(torch.empty(slots, head_dim, dim).normal_(0.0, 0.02))  # per slot
+        self.rope = RotaryEmbedding(head_dim, rope_base)
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
+        return KVCache(batch, self.slots, self.head_dim, max_len, device, dtype)
+
+    def keys_values(self, source: Tensor, start: int, cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        """(B, S, L, dh) keys and values of every position up to the newest (cache included)."""
+        b, t, _ = source.shape
+        k = self.wk(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
+        v = self.wv(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
+        k = self.rope(k, torch.arange(start, start + t, device=source.device))
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return k, v
+
+    def forward(self, h_eff: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        b, t, _ = h_eff.shape
+        length = keys.shape[2]
+        q = self.wq(h_eff).view(b, t, self.slots, self.head_dim).transpose(1, 2)
+        q = self.rope(q, torch.arange(length - t, length, device=h_eff.device))
+        mask = attention_mask(t, length, None, h_eff.device)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1)
+        return torch.einsum("bstk,skd->btsd", y, self.wo)
+
+
+class MLPProbe(nn.Module):
+    """A stateless two-layer MLP of h_eff alone: (B, T, d) -> (B, T, S, d)."""
+
+    def __init__(self, dim: int, slots: int, hidden: int):
+        super().__init__()
+        self.slots, self.dim = slots, dim
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, slots * dim, bias=False)
+
+    def forward(self, h_eff: Tensor) -> Tensor:
+        return self.down(F.silu(self.up(h_eff))).unflatten(-1, (self.slots, self.dim))
+
+
+class SirenPrior(nn.Module):
+    """A periodic prior on h: two sine layers (SIREN) then a linear map to the slots.
+
+    ``sin(omega * (W x + b))`` with SIREN's init (first layer U(-1/in, 1/in), later layers
+    U(-sqrt(6/in)/omega, +sqrt(6/in)/omega)) keeps activations spread over many periods
+    without saturating, whatever the depth. (B, T, d) -> (B, T, S, d).
+    """
+
+    def __init__(self, dim: int, slots: int, hidden: int, omega: float):
+        super().__init__()
+        self.slots, self.dim, self.omega = slots, dim, omega
+        self.first = nn.Linear(dim, hidden)
+        self.hidden = nn.Linear(hidden, hidden)
+        self.to_slots = nn.Linear(hidden, slots * dim)
+        self.reset_expert_parameters()
+
+    def reset_expert_parameters(self) -> None:
+        with torch.no_grad():
+            for layer in (self.first, self.hidden, self.to_slots):
+                fan_in = layer.in_features
+                bound = 1.0 / fan_in if layer is self.first else math.sqrt(6.0 / fan_in) / self.omega
+                layer.weight.uniform_(-bound, bound)
+                layer.bias.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+    def forward(self, h_eff: Tensor) -> Tensor:
+        z = torch.sin(self.omega * self.first(h_eff))
+        z = torch.sin(self.omega * self.hidden(z))
+        return self.to_slots(z).unflatten(-1, (self.slots, self.dim))

@@ -1,0 +1,121 @@
+"""The expert pool built from config, and its two clocks.
+
+``token_clocked`` runs once per forward over the new tokens: the SSM scan, the attention
+probe's keys/values, and the observation that starts the workspace. ``forward`` runs every
+iteration: it asks each expert for its slots given h_eff and concatenates them in the
+configured order into (B, T, S_total, d). The workspace normalises the pool itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from parallax.models.cws.config import CWSConfig
+from parallax.models.cws.experts import AttentionProbe, MLPProbe, SirenPrior, SSMExpert
+from parallax.models.layers import KVCache
+
+
+@dataclass
+class TokenContext:
+    """What the token-clocked pass leaves for the iterations over positions [start, start+T).
+
+    ``observation`` (B, T, d) is the token's own reading (embedding, plus the SSM read when
+    the pool has an SSM); ``fixed`` holds token-clocked proposals (B, T, S, d) by expert name;
+    ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T.
+    """
+
+    observation: Tensor
+    fixed: dict[str, Tensor] = field(default_factory=dict)
+    probe_kv: tuple[Tensor, Tensor] | None = None
+
+
+@dataclass
+class PoolCache:
+    """Token-clocked state carried between incremental calls."""
+
+    ssm_state: Tensor | None
+    last_embedding: Tensor  # (B, 1, d): x_{t-1} for the token-shift key source
+    probe: KVCache | None
+
+
+class ExpertPool(nn.Module):
+    def __init__(self, cfg: CWSConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.dim = d
+        self.slots = tuple(cfg.slots)
+        self.probe_keys = cfg.probe_keys
+        experts: dict[str, nn.Module] = {}
+        for name, slots in zip(cfg.experts, cfg.slots):
+            if name == "ssm":
+                experts[name] = SSMExpert(d, slots, cfg.ssm_state, cfg.ssm_expand, cfg.ssm_chunk)
+            elif name == "attention":
+                source_dim = 2 * d if cfg.probe_keys == "shift" else d
+                experts[name] = AttentionProbe(d, slots, cfg.probe_head_dim, source_dim, cfg.rope_base)
+            elif name == "mlp":
+                experts[name] = MLPProbe(d, slots, cfg.mlp_hidden)
+            else:
+                experts[name] = SirenPrior(d, slots, cfg.siren_hidden, cfg.siren_omega)
+        self.experts = nn.ModuleDict(experts)
+
+    @property
+    def total_slots(self) -> int:
+        return sum(self.slots)
+
+    def reset_expert_parameters(self) -> None:
+        """Re-apply the experts' own inits (after a model-wide ``init_weights``)."""
+        for expert in self.experts.values():
+            if isinstance(expert, (SSMExpert, SirenPrior)):
+                expert.reset_expert_parameters()
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> PoolCache:
+        ssm = self.experts["ssm"] if "ssm" in self.experts else None
+        probe = self.experts["attention"] if "attention" in self.experts else None
+        return PoolCache(
+            ssm_state=None if ssm is None else torch.zeros(
+                batch, ssm.A_log.shape[0], ssm.A_log.shape[1], device=device, dtype=dtype
+            ),
+            last_embedding=torch.zeros(batch, 1, self.dim, device=device, dtype=dtype),
+            probe=None if probe is None else probe.new_cache(batch, max_len, device, dtype),
+        )
+
+    def token_clocked(self, x: Tensor, start: int, cache: PoolCache | None) -> TokenContext:
+        """One context update over the new token embeddings x (B, T, d)."""
+        context = TokenContext(observation=x)
+        read = None
+        if "ssm" in self.experts:
+            ssm = self.experts["ssm"]
+            read, state = ssm.read(x, cache.ssm_state if cache is not None else None)
+            context.fixed["ssm"] = ssm.proposals(read)
+            context.observation = x + read
+            if cache is not None:
+                cache.ssm_state = state
+        if "attention" in self.experts:
+            if self.probe_keys == "ssm":
+                source = read
+            elif self.probe_keys == "shift":
+                first = cache.last_embedding if cache is not None else torch.zeros_like(x[:, :1])
+                source = torch.cat([x, torch.cat([first, x[:, :-1]], dim=1)], dim=-1)
+            else:
+                source = x
+            context.probe_kv = self.experts["attention"].keys_values(
+                source, start, cache.probe if cache is not None else None
+            )
+        if cache is not None:
+            cache.last_embedding = x[:, -1:]
+        return context
+
+    def forward(self, h_eff: Tensor, context: TokenContext) -> Tensor:
+        """Every expert's slots for state h_eff (B, T, d): (B, T, S_total, d)."""
+        proposals = []
+        for name, expert in self.experts.items():
+            if name in context.fixed:
+                proposals.append(context.fixed[name])
+            elif name == "attention":
+                proposals.append(expert(h_eff, *context.probe_kv))
+            else:
+                proposals.append(expert(h_eff))
+        return torch.cat(proposals, dim=2)

@@ -1,0 +1,69 @@
+"""One workspace iteration, exactly the pseudo-code of the CWS overview (section 03)::
+
+    h_eff   = RMSNorm(h)
+    pool    = RMSNorm(concat(e(h_eff, x) for e in experts))     # (B, T, S, d)
+    q       = Q(h_eff).view(H, dh)
+    k, v    = K(pool), V(pool)
+    raw     = q . k^T / sqrt(dh)                                  # unnormalised, per head and slot
+    cum    <- decay * cum + (1 - decay) + raw
+    weights = log1p(silu(cum)) / ln(base)                         # no softmax over slots
+    h      <- O_proj(sum_s weights_s * v_s)
+
+Shapes: h (B, T, d); cum and raw (B, T, H, S). Nothing here knows a slot's index or a
+token's position, so the workspace is permutation-invariant over slots; order enters only
+through the experts.
+
+Starting point (chosen in ``initial_state``): h_0 is the token's observation (its embedding,
+plus the SSM read when the pool has one) and cum_0 = 1. h_0 must depend on the token, or the
+first query would be the same for every position; it has no parameters of its own, because
+under the K - live_steps no-grad contract a dedicated h_0 projection would get no gradient
+once K > live_steps, while the embedding and SSM are trained through the decoder and the
+pool. cum_0 = 1 is the rest point of ``cum <- decay*cum + (1 - decay)`` when raw = 0: the
+accumulator starts at the unit attractor mass the update pulls it toward, so the first
+iteration is a perturbation of rest rather than a jump from 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from parallax.models.cws.pool import ExpertPool, TokenContext
+from parallax.models.layers import RMSNorm
+
+
+class Workspace(nn.Module):
+    def __init__(self, dim: int, n_heads: int, decay: float, base: float, norm_eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.decay, self.base = decay, base
+        self.h_norm = RMSNorm(dim, norm_eps)
+        self.pool_norm = RMSNorm(dim, norm_eps)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def initial_state(self, observation: Tensor, n_slots: int) -> tuple[Tensor, Tensor]:
+        """(h_0, cum_0) for observation (B, T, d): h_0 = observation, cum_0 = 1 (B, T, H, S)."""
+        b, t, _ = observation.shape
+        return observation, observation.new_ones(b, t, self.n_heads, n_slots)
+
+    def step(
+        self, h: Tensor, cum: Tensor, pool: ExpertPool, context: TokenContext
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One iteration: returns (h_next (B, T, d), cum_next (B, T, H, S), raw (B, T, H, S))."""
+        b, t, _ = h.shape
+        h_eff = self.h_norm(h)
+        slots = self.pool_norm(pool(h_eff, context))  # (B, T, S, d)
+        q = self.q_proj(h_eff).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(slots).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, S, H, dh)
+        v = self.v_proj(slots).unflatten(-1, (self.n_heads, self.head_dim))
+        raw = torch.einsum("bthd,btshd->bths", q, k) / math.sqrt(self.head_dim)
+        cum = self.decay * cum + (1.0 - self.decay) + raw
+        weights = torch.log1p(F.silu(cum)) / math.log(self.base)
+        read = torch.einsum("bths,btshd->bthd", weights, v).reshape(b, t, -1)
+        return self.o_proj(read), cum, raw

@@ -1,0 +1,55 @@
+import pytest
+
+from parallax.config import RunConfig, TrainConfig, load_toml
+from parallax.errors import ConfigError
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = RunConfig.from_dict({}, ["model.name=transformer", "data.name=sort", "model.d_model=256", "train.lr=1e-4", "train.compile=true"])
+    assert cfg.model.d_model == 256 and isinstance(cfg.model.d_model, int)
+    assert cfg.train.lr == 1e-4 and cfg.train.compile is True
+
+
+def test_file_then_override_precedence(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[model]\nname = "transformer"\nn_layers = 3\n[train]\nsteps = 7\nlr = 1\n')
+    cfg = RunConfig.from_dict(load_toml(path), ["train.steps=9", "data.name=sort"])
+    assert cfg.model.n_layers == 3 and cfg.train.steps == 9
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # TOML int accepted for float
+
+
+def test_unknown_key_names_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({}, ["model.name=transformer", "model.d_modl=3"])
+    msg = str(err.value)
+    assert "d_modl" in msg and "d_model" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [("train.steps=abc", "train.steps must be int"), ("train.compile=maybe", "must be bool"),
+     ("nosection.x=1", "unknown config section"), ("train.steps", "section.key=value"),
+     ("model.name=nonexistent", "unknown model")],
+)
+def test_bad_values_are_one_line_errors(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        RunConfig.from_dict({}, ["model.name=transformer", "data.name=copy", override])
+
+
+def test_wrong_type_in_file_is_rejected(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[train]\nsteps = "many"\n')
+    with pytest.raises(ConfigError, match="train.steps must be int"):
+        RunConfig.from_dict(load_toml(path), ["model.name=transformer", "data.name=copy"])
+
+
+def test_validate_hook_runs():
+    with pytest.raises(ConfigError, match="n_heads"):
+        RunConfig.from_dict({}, ["model.name=transformer", "model.d_model=30", "model.n_heads=4"])
+
+
+def test_round_trip_through_dict():
+    cfg = RunConfig.from_dict({}, ["model.name=transformer", "data.name=reverse", "data.length=11"])
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.data_name == "reverse"
+    assert TrainConfig().precision == "auto"

@@ -1,0 +1,83 @@
+"""Killing a run at any moment and resuming it gives the losses of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from parallax.checkpoint import load_run
+from parallax.config import RunConfig
+from parallax.errors import TrainingDiverged
+from parallax.train import Trainer, resume_config, train
+
+STEPS = 120
+
+
+def overrides(tiny_sort_overrides):
+    return tiny_sort_overrides + [f"train.steps={STEPS}", "train.save_every=5", "train.eval_every=1000", "model.dropout=0.1"]
+
+
+def losses(run_dir):
+    by_step = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train_loss" in row:
+            by_step[row["step"]] = row["train_loss"]  # a resumed run re-logs steps after its checkpoint
+    return by_step
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_sort_overrides):
+    over = overrides(tiny_sort_overrides)
+    reference = tmp_path / "reference"
+    train(RunConfig.from_dict({}, over), reference)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parallax", "train", "--out", str(killed), *over],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not pointer.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    interrupted_at = load_run(killed).step  # whatever was last written must load
+    assert 0 < interrupted_at < STEPS
+    train(resume_config(killed, []), killed, resume=True)
+    ref, got = losses(reference), losses(killed)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resume_cannot_change_the_model(tmp_path, tiny_sort_overrides):
+    out = tmp_path / "run"
+    train(RunConfig.from_dict({}, tiny_sort_overrides), out)
+    from parallax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot change the model"):
+        resume_config(out, ["model.d_model=64"])
+    assert resume_config(out, ["train.steps=20"]).train.steps == 20
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_sort_overrides):
+    out = tmp_path / "run"
+    trainer = Trainer(RunConfig.from_dict({}, tiny_sort_overrides + ["train.save_every=2"]), out)
+    real_forward = trainer.forward_model
+
+    def poisoned(*args, **kwargs):
+        result = real_forward(*args, **kwargs)
+        if trainer.step >= 3:
+            result.loss = result.loss * float("nan")
+        return result
+
+    trainer.forward_model = poisoned
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        trainer.fit()
+    assert load_run(out).step == 2

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from parallax.config import RunConfig
+from parallax.train import Trainer, train
+from parallax.train.metrics_log import read_metrics
+from parallax.train.schedule import lr_at
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    kw = dict(lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_run_directory_describes_itself(tmp_path, tiny_sort_overrides):
+    out = tmp_path / "run"
+    train(RunConfig.from_dict({}, tiny_sort_overrides), out)
+    env = (out / "environment.json").read_text()
+    assert '"torch"' in env and '"data": "SortTask(length=5, vocab=8)"' in env
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 13))
+    assert any("val_token_accuracy" in r for r in rows)
+    assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_sort_overrides):
+    """Two micro-batches of 8 give the same update as one batch of the same 16 examples."""
+    base = tiny_sort_overrides + ["train.steps=1", "train.grad_clip=0", "train.warmup_steps=0"]
+    a = Trainer(RunConfig.from_dict({}, base + ["train.batch_size=8", "train.grad_accum=2"]), tmp_path / "a")
+    b = Trainer(RunConfig.from_dict({}, base + ["train.batch_size=8", "train.grad_accum=1"]), tmp_path / "b")
+    from parallax.data.batch import batch_generator
+
+    batches = [a.source.batch("train", 8, batch_generator(0, "train", i)) for i in range(2)]
+    ids = torch.cat([x.input_ids for x in batches])
+    tg = torch.cat([x.targets for x in batches])
+    mask = torch.cat([x.loss_mask for x in batches])
+    a.train_step()
+    b.model(ids, tg, mask).loss.backward()
+    b.optimizer.step()
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_transformer_learns_sort(tmp_path):
+    over = ["model.name=transformer", "data.name=sort", "train.steps=150", "train.progress=false",
+            "train.eval_every=150", "train.save_every=150"]
+    summary = train(RunConfig.from_dict({}, over), tmp_path / "run")
+    assert summary["eval"]["token_accuracy"] > 0.9
