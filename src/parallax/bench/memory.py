@@ -60,7 +60,8 @@ def training_memory(
     )
     torch.manual_seed(cfg.train.seed)
     model = build_model(model_cfg).to(device).train()
-    batch = source.batch("train", cfg.train.batch_size, batch_generator(cfg.train.seed, "train", 0)).to(device)
+    generator = batch_generator(cfg.train.seed, "train", 0)
+    batch = source.batch("train", cfg.train.batch_size, generator).to(device)
     cuda = torch.device(device).type == "cuda"
     rows = []
     for depth in depths:

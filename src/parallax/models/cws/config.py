@@ -72,7 +72,9 @@ class CWSConfig(ModelConfig):
                 f"got {list(self.slots)}"
             )
         if self.probe_keys not in PROBE_KEY_SOURCES:
-            raise ValueError(f"probe_keys must be one of {', '.join(PROBE_KEY_SOURCES)}, got {self.probe_keys!r}")
+            raise ValueError(
+                f"probe_keys must be one of {', '.join(PROBE_KEY_SOURCES)}, got {self.probe_keys!r}"
+            )
         if "attention" in self.experts and self.probe_keys == "ssm" and "ssm" not in self.experts:
             raise ValueError("probe_keys='ssm' needs the 'ssm' expert in the pool; use 'shift' or 'tokens'")
         if self.probe_head_dim < 2 or self.probe_head_dim % 2:
@@ -86,7 +88,9 @@ class CWSConfig(ModelConfig):
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
         if not 1 <= self.live_steps <= self.k_max:
-            raise ValueError(f"need 1 <= live_steps <= k_max, got live_steps={self.live_steps}, k_max={self.k_max}")
+            raise ValueError(
+                f"need 1 <= live_steps <= k_max, got live_steps={self.live_steps}, k_max={self.k_max}"
+            )
         if self.halt_rule not in HALT_RULES:
             raise ValueError(f"halt_rule must be one of {', '.join(HALT_RULES)}, got {self.halt_rule!r}")
         if self.halt_tol <= 0:

@@ -72,7 +72,9 @@ class HaltMonitor:
             self._quiet = torch.where(running, torch.where(quiet, self._quiet + 1, 0), self._quiet)
             settled = self._quiet >= HALT_CONFIRMATIONS
         self._prev_raw = torch.where(running[..., None], raw, self._prev_raw)
-        self._prev_delta = delta if self._prev_delta is None else torch.where(running, delta, self._prev_delta)
+        if self._prev_delta is not None:
+            delta = torch.where(running, delta, self._prev_delta)
+        self._prev_delta = delta
         if self.enabled and k >= self.k_min:
             self.active = running & ~settled
 

@@ -83,7 +83,18 @@ def settle(
     return Settled(h=h, k_used=monitor.k_used, trace=monitor.trace)
 
 
-def _replay_last_iterations(workspace, pool, context, monitor, iterate, h, cum, k_max, live) -> Tensor:
+def _replay_last_iterations(
+    workspace: Workspace,
+    pool: ExpertPool,
+    context: TokenContext,
+    monitor: HaltMonitor,
+    iterate,
+    h: Tensor,
+    cum: Tensor,
+    k_max: int,
+    live: int,
+) -> Tensor:
+    """Halting loop without gradient, then each token's last ``live`` iterations with it."""
     with torch.no_grad():
         ring = [(h, cum)] * live  # ring[i]: state before the token's (live - i)-th last iteration
         for k in range(1, k_max + 1):

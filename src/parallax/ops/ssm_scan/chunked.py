@@ -1,14 +1,14 @@
-"""Chunked selective scan: parallel inside chunks of ``chunk_size`` tokens, sequential across.
+"""Chunked selective scan: a two-level scan, sequential steps T/L + L instead of T.
 
-Inside a chunk the recurrence unrolls to a masked sum over earlier positions::
+The sequence is cut into chunks of L = ``chunk_size`` tokens. Level one runs the recurrence
+inside every chunk at once (batched over chunks), from a zero state, L steps long. Level two
+carries the true state from chunk to chunk, T/L steps long, and adds its decayed
+contribution everywhere::
 
-    s_l = exp(S_l) * s_0 + sum_{m <= l} exp(S_l - S_m) * delta_m * B_m * u_m,
-    S_l = sum_{j <= l} delta_j * A          (cumulative log-decay, <= 0)
+    s_l = s_l^local + exp(S_l) * s_start,     S_l = sum_{j <= l} delta_j * A   (<= 0)
 
-Every exponent is ``S_l - S_m <= 0`` for the kept terms, so nothing overflows however fast
-a channel decays. The chunk-to-chunk carry is a short Python loop over ``T / chunk_size``
-chunks. Memory is (B, T, D, N, chunk_size) inside the kernel, traded for a loop that is
-``chunk_size`` times shorter than the sequential reference.
+Every exponent is <= 0, so nothing overflows however fast a channel decays, and autograd
+keeps O(B T D N) values as the sequential reference does (no L x L blocks).
 
 Shapes as in ``naive.selective_scan_ref``.
 """
@@ -43,18 +43,19 @@ def selective_scan_chunked(
     n_chunks = (length + pad) // size
     log_decay = (dl[..., None] * A).view(batch, n_chunks, size, channels, n_state)
     drive = ((dl * du)[..., None] * pb[:, :, None, :]).view(batch, n_chunks, size, channels, n_state)
-    cum = log_decay.cumsum(dim=2)  # (B, c, L, D, N)
-    causal = torch.ones(size, size, dtype=torch.bool, device=u.device).tril()  # [l, m]: m <= l
-    segment = cum[:, :, :, None] - cum[:, :, None, :]  # (B, c, L_l, L_m, D, N)
-    segment = segment.masked_fill(~causal[:, :, None, None], float("-inf"))
-    within = torch.einsum("bclmdn,bcmdn->bcldn", segment.exp(), drive)  # zero initial state
-    entry_decay = cum.exp()  # (B, c, L, D, N): decay from the chunk start to position l
+    step_decay = log_decay.exp()
+    local = []
+    s = torch.zeros_like(drive[:, :, 0])
+    for l in range(size):  # inside every chunk at once, from a zero state
+        s = step_decay[:, :, l] * s + drive[:, :, l]
+        local.append(s)
+    local_states = torch.stack(local, dim=2)  # (B, c, L, D, N)
+    entry_decay = log_decay.cumsum(dim=2).exp()  # decay from the chunk start to position l
     starts = []
-    for c in range(n_chunks):
+    for c in range(n_chunks):  # carry the true state across chunks
         starts.append(state)
-        state = entry_decay[:, c, -1] * state + within[:, c, -1]
-    carried = entry_decay * torch.stack(starts, dim=1)[:, :, None]
-    states = within + carried  # (B, c, L, D, N)
+        state = entry_decay[:, c, -1] * state + local_states[:, c, -1]
+    states = local_states + entry_decay * torch.stack(starts, dim=1)[:, :, None]
     pc = pc.view(batch, n_chunks, size, n_state)
     y = torch.einsum("bcldn,bcln->bcld", states, pc).reshape(batch, n_chunks * size, channels)
     y = y[:, :length]
