@@ -45,7 +45,6 @@ FIRST_KEY = 2
 
 UNPREDICTABLE, STRUCTURAL, EASY, RECALL_NEAR, RECALL_FAR, RECALL_REBOUND = range(6)
 LABEL_NAMES = ("unpredictable", "structural", "easy", "recall_near", "recall_far", "recall_rebound")
-RECALL_LABELS = LABEL_NAMES[RECALL_NEAR:]
 
 
 @dataclass
@@ -116,22 +115,28 @@ class BindRecallTask(DataSource):
         """One sequence as ``(kind, symbol, value)`` events, kind in bind/recall/filler."""
         cfg = self.cfg
         keys = rng.sample(range(cfg.n_keys), cfg.n_bindings)
-        values = rng.sample(range(cfg.n_values), cfg.n_bindings)
-        writes = [["bind", k, v] for k, v in zip(keys, values)]
+        order = list(keys)  # keys in the order they are written
         for _ in range(cfg.n_rebinds):
             key = rng.choice(keys)
-            first = next(i for i, w in enumerate(writes) if w[1] == key)
-            writes.insert(rng.randint(first + 1, len(writes)), ["bind", key, -1])
+            order.insert(rng.randint(order.index(key) + 1, len(order)), key)
+        first_values = iter(rng.sample(range(cfg.n_values), cfg.n_bindings))
         current: dict[int, int] = {}
-        for w in writes:
-            if w[2] < 0:
-                w[2] = rng.choice([v for v in range(cfg.n_values) if v != current[w[1]]])
-            current[w[1]] = w[2]
-        queries = [["recall", k, current[k]] for k in rng.sample(keys, cfg.n_queries)]
-        events = writes + [["filler", -1, rng.randrange(cfg.n_values)] for _ in range(cfg.gap)] + queries
+        events = []
+        for key in order:
+            if key in current:  # a re-binding always changes the value
+                current[key] = rng.choice([v for v in range(cfg.n_values) if v != current[key]])
+            else:
+                current[key] = next(first_values)
+            events.append(("bind", key, current[key]))
+
+        def filler() -> tuple[str, int, int]:
+            return ("filler", -1, rng.randrange(cfg.n_values))
+
+        events += [filler() for _ in range(cfg.gap)]
+        events += [("recall", k, current[k]) for k in rng.sample(keys, cfg.n_queries)]
         for _ in range(cfg.n_fillers):
-            events.insert(rng.randint(0, len(events)), ["filler", -1, rng.randrange(cfg.n_values)])
-        return [tuple(e) for e in events]
+            events.insert(rng.randint(0, len(events)), filler())
+        return events
 
     def _sequence(self, rng: random.Random) -> tuple[list[int], list[int]]:
         """Token ids (T + 1) and the label of each target (T) for one sequence."""

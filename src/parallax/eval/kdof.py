@@ -79,7 +79,7 @@ def spearman(x: Tensor, y: Tensor) -> float:
 
 
 def label_stats(records: TokenRecords) -> dict[str, dict]:
-    """Per label present: tokens, mean and median K, accuracy and mean loss."""
+    """Per label present: tokens, mean and (lower) median K, accuracy and mean loss."""
     k = _token_k(records)
     stats = {}
     for idx, name in enumerate(records.label_names):
@@ -123,6 +123,8 @@ def k_by_surprisal(records: TokenRecords, bins: int = 10) -> list[dict]:
     Tokens are binned by their average rank, so tied losses always share a bin (bins may
     therefore be uneven, or empty and left out, when losses tie a lot).
     """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
     n = records.loss.numel()
     if n == 0:
         return []

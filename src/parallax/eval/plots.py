@@ -38,7 +38,7 @@ def plot_sequence_k(records: TokenRecords, path: Path, sequences: Sequence[int] 
     """
     k = records.token_diagnostics[K_KEY].float()
     shown = [s for s in sequences if bool((records.sequence == s).any())]
-    fig = Figure(figsize=(12, 2.4 * max(1, len(shown))))
+    fig = Figure(figsize=(12, 2.4 * max(1, len(shown))), layout="constrained")
     axes = fig.subplots(max(1, len(shown)), 1, squeeze=False)[:, 0]
     for ax, seq in zip(axes, shown):
         sel = records.sequence == seq
@@ -50,7 +50,7 @@ def plot_sequence_k(records: TokenRecords, path: Path, sequences: Sequence[int] 
     axes[-1].set_xlabel("position")
     present = sorted(set(records.label.tolist()))
     handles = [Patch(color=_colour(i), label=records.label_names[i]) for i in present]
-    fig.legend(handles=handles, loc="upper right", fontsize=8)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     return _save(fig, path)
 
 
@@ -58,7 +58,7 @@ def plot_k_distribution(records: TokenRecords, path: Path) -> Path:
     """Box plot of K per label (labels with no tokens are left out)."""
     k = records.token_diagnostics[K_KEY].float()
     present = [i for i in range(len(records.label_names)) if bool((records.label == i).any())]
-    fig = Figure(figsize=(1.6 * max(3, len(present)), 4))
+    fig = Figure(figsize=(1.6 * max(3, len(present)), 4), layout="constrained")
     ax = fig.subplots()
     ax.boxplot([k[records.label == i].tolist() for i in present], showmeans=True)
     ax.set_xticks(range(1, len(present) + 1), [records.label_names[i] for i in present], rotation=20)
@@ -71,7 +71,7 @@ def plot_settling_traces(records: TokenRecords, path: Path, per_label: int = 3) 
     """||raw_k - raw_{k-1}|| against k: ``per_label`` faint traces and the mean per label, log y."""
     trace = records.token_diagnostics[TRACE_KEY].float()  # (N, K), NaN after halting
     steps = list(range(1, trace.shape[1] + 1))
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for idx, name in enumerate(records.label_names):
         rows = trace[records.label == idx]
@@ -96,7 +96,7 @@ def plot_quality_curve(curve: list[dict], path: Path) -> Path:
     def series(key):
         return [float("nan") if point.get(key) is None else point[key] for point in curve]
 
-    fig = Figure(figsize=(12, 3.6))
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
     acc_ax, loss_ax, k_ax = fig.subplots(1, 3)
     acc_ax.plot(xs, series("accuracy"), marker="o", label="all scored")
     if any(point.get("recall_accuracy") is not None for point in curve):
@@ -159,7 +159,7 @@ def save_training_curves(metrics_jsonl_path: Path, out_dir: Path) -> list[Path]:
         chosen = [key for key in keys if word in key]
         if not chosen:
             continue
-        fig = Figure(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4), layout="constrained")
         ax = fig.subplots()
         for key in chosen:
             points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
