@@ -1,0 +1,165 @@
+"""Depth-dial tasks: the computation an answer needs grows with a size knob.
+
+Both tasks state the size ``n`` in unary (``n`` TICK tokens, padded to the largest size), so an
+out-of-distribution size is made of tokens the model has seen, and only the depth of
+computation is new. Each answer token's label is its size ``n`` (label 0 is the prompt), so
+the per-label metrics grade accuracy (and, for recurrent models, iterations) by required depth.
+
+In-distribution sizes are ``1..max_size``; out-of-distribution sizes are
+``max_size+1..ood_size``. The ``train`` and ``val`` splits draw in-distribution sizes and the
+``test`` split out-of-distribution ones; ``ood = true`` makes every split draw
+out-of-distribution sizes (so ``parallax eval`` can score extrapolation from config alone).
+
+* ``pointer_chase``: a random cyclic permutation ``f`` over ``nodes`` symbols is listed as
+  shuffled pairs ``a f(a)``; each query ``SEP x TICK^k PAD.. y`` asks for ``y = f^k(x)``: k
+  chained lookups.
+* ``automaton``: an elementary cellular automaton (``rule``, default 30: chaotic) on a ring of
+  ``width`` binary cells; ``BOS cells SEP TICK^n PAD.. SEP answer`` asks for the cells after n
+  steps. Small state errors grow under chaotic dynamics, so a latent state that drifts from the
+  true trajectory shows up as errors that grow with n. Keep ``width >= 7`` for rule 30: on
+  rings of 6 cells or fewer most trajectories fall into the all-zero state within ~60 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from parallax.config import DataConfig
+from parallax.data.batch import Batch, DataSource
+from parallax.registry import DATA
+
+PAD, BOS, SEP, TICK = 0, 1, 2, 3
+FIRST_SYMBOL = 4
+
+
+def size_range(split: str, max_size: int, ood_size: int, ood: bool) -> tuple[int, int]:
+    """Inclusive range of sizes for a split (see the module docstring)."""
+    if ood or split == "test":
+        return max_size + 1, ood_size
+    return 1, max_size
+
+
+def unary(n: Tensor, width: int) -> Tensor:
+    """(B,) sizes -> (B, width) ``TICK`` repeated n times, then ``PAD``."""
+    return torch.where(torch.arange(width) < n.unsqueeze(1), TICK, PAD)
+
+
+def to_batch(seq: Tensor, answer: Tensor, size: Tensor) -> Batch:
+    """Next-token batch from (B, L) sequences, the (B, L) answer positions and their sizes."""
+    mask = answer[:, 1:]
+    return Batch(seq[:, :-1], seq[:, 1:], mask, torch.where(mask, size[:, 1:], 0))
+
+
+@dataclass
+class PointerChaseConfig(DataConfig):
+    nodes: int = 12
+    queries: int = 4
+    max_size: int = 4  # largest in-distribution hop count
+    ood_size: int = 8  # largest out-of-distribution hop count
+    ood: bool = False
+
+    def validate(self) -> None:
+        if not 1 <= self.max_size < self.ood_size < self.nodes:
+            raise ValueError("need 1 <= max_size < ood_size < nodes (hops stay inside one cycle)")
+        if self.queries < 1:
+            raise ValueError("queries must be >= 1")
+
+
+def chase(f: Tensor, x: Tensor, hops: Tensor) -> Tensor:
+    """``f^hops(x)`` for (B, m) maps, (B, Q) starts and (B, Q) hop counts."""
+    y = x.clone()
+    for step in range(int(hops.max()) if hops.numel() else 0):
+        y = torch.where(step < hops, f.gather(1, y), y)
+    return y
+
+
+@DATA.register("pointer_chase", PointerChaseConfig, "follow a listed permutation k times (k-hop pointer chasing)")
+class PointerChase(DataSource):
+    def __init__(self, cfg: PointerChaseConfig):
+        self.cfg = cfg
+        self.vocab_size = FIRST_SYMBOL + cfg.nodes
+        self.query_len = 3 + cfg.ood_size  # SEP x TICK^k PAD.. y
+        self.seq_len = 2 * cfg.nodes + cfg.queries * self.query_len  # BOS + pairs + queries, minus one
+        self.label_names = ("prompt",) + tuple(f"hops={k}" for k in range(1, cfg.ood_size + 1))
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
+        cfg, b, m, q = self.cfg, batch_size, self.cfg.nodes, self.cfg.queries
+        cycle = torch.rand(b, m, generator=generator).argsort(1)
+        f = torch.empty_like(cycle).scatter_(1, cycle, cycle.roll(-1, dims=1))  # one m-cycle
+        listed = torch.rand(b, m, generator=generator).argsort(1)
+        pairs = torch.stack([listed, f.gather(1, listed)], 2).view(b, 2 * m) + FIRST_SYMBOL
+        lo, hi = size_range(split, cfg.max_size, cfg.ood_size, cfg.ood)
+        x = torch.randint(0, m, (b, q), generator=generator)
+        hops = torch.randint(lo, hi + 1, (b, q), generator=generator)
+        y = chase(f, x, hops)
+        parts = [torch.full((b, 1), BOS), pairs]
+        for i in range(q):
+            ticks = unary(hops[:, i], cfg.ood_size)
+            parts += [torch.full((b, 1), SEP), x[:, i : i + 1] + FIRST_SYMBOL, ticks, y[:, i : i + 1] + FIRST_SYMBOL]
+        seq = torch.cat(parts, 1)
+        answer = torch.zeros_like(seq, dtype=torch.bool)
+        size = torch.zeros_like(seq)
+        answer_at = 1 + 2 * m + self.query_len * torch.arange(1, q + 1) - 1
+        answer[:, answer_at] = True
+        size[:, answer_at] = hops
+        return to_batch(seq, answer, size)
+
+    def fingerprint(self) -> str:
+        c = self.cfg
+        return f"PointerChase(nodes={c.nodes}, queries={c.queries}, max_size={c.max_size}, ood_size={c.ood_size}, ood={c.ood})"
+
+
+@dataclass
+class AutomatonConfig(DataConfig):
+    width: int = 8
+    rule: int = 30
+    max_size: int = 2  # largest in-distribution number of steps
+    ood_size: int = 64  # largest out-of-distribution number of steps (32x by default)
+    ood: bool = False
+
+    def validate(self) -> None:
+        if not 1 <= self.max_size < self.ood_size:
+            raise ValueError("need 1 <= max_size < ood_size")
+        if not 0 <= self.rule <= 255 or self.width < 3:
+            raise ValueError("rule must be 0..255 and width >= 3")
+
+
+def automaton_step(cells: Tensor, rule: int) -> Tensor:
+    """One step of an elementary cellular automaton on a ring: (B, W) bits -> (B, W) bits."""
+    code = 4 * cells.roll(1, dims=1) + 2 * cells + cells.roll(-1, dims=1)
+    table = torch.tensor([(rule >> i) & 1 for i in range(8)], dtype=cells.dtype)
+    return table[code]
+
+
+@DATA.register("automaton", AutomatonConfig, "state of a chaotic cellular automaton after n steps")
+class Automaton(DataSource):
+    def __init__(self, cfg: AutomatonConfig):
+        self.cfg = cfg
+        self.vocab_size = FIRST_SYMBOL + 2
+        self.seq_len = 2 * cfg.width + cfg.ood_size + 2  # BOS cells SEP ticks SEP answer, minus one
+        self.label_names = ("prompt",) + tuple(f"steps={n}" for n in range(1, cfg.ood_size + 1))
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
+        cfg, b, w = self.cfg, batch_size, self.cfg.width
+        cells = torch.randint(0, 2, (b, w), generator=generator)
+        lo, hi = size_range(split, cfg.max_size, cfg.ood_size, cfg.ood)
+        steps = torch.randint(lo, hi + 1, (b,), generator=generator)
+        state = cells
+        for n in range(hi):
+            state = torch.where((n < steps).unsqueeze(1), automaton_step(state, cfg.rule), state)
+        sep = torch.full((b, 1), SEP)
+        seq = torch.cat([torch.full((b, 1), BOS), cells + FIRST_SYMBOL, sep, unary(steps, cfg.ood_size), sep, state + FIRST_SYMBOL], 1)
+        answer = torch.zeros_like(seq, dtype=torch.bool)
+        answer[:, -w:] = True
+        return to_batch(seq, answer, steps.unsqueeze(1).expand_as(seq))
+
+    def decode(self, ids: list[int]) -> str:
+        names = {PAD: "_", BOS: "<s>", SEP: "|", TICK: "+", FIRST_SYMBOL: ".", FIRST_SYMBOL + 1: "#"}
+        return "".join(names.get(i, "?") for i in ids)
+
+    def fingerprint(self) -> str:
+        c = self.cfg
+        return f"Automaton(width={c.width}, rule={c.rule}, max_size={c.max_size}, ood_size={c.ood_size}, ood={c.ood})"
