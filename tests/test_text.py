@@ -9,8 +9,8 @@ import torch
 from parallax.cli.main import main
 from parallax.data import build_data
 from parallax.data.batch import batch_generator
-from parallax.data.text import TextConfig
 from parallax.data.prepare import Corpus, prepare_corpus, read_text_files, split_documents
+from parallax.data.text import TextConfig
 from parallax.data.tokenizer import END_OF_TEXT, Tokenizer
 from parallax.errors import ParallaxError
 
