@@ -43,7 +43,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_sort_overrid
     b.model(ids, tg, mask).loss.backward()
     b.optimizer.step()
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
