@@ -6,7 +6,7 @@ import torch
 from parallax.config import build_run_config
 from parallax.data import build_data
 from parallax.data.batch import batch_generator
-from parallax.data.bind_recall import BindRecallConfig, BindRecallTask
+from parallax.data.bind_recall import QUERY, SEP, BindRecallConfig, BindRecallTask
 from parallax.errors import ConfigError
 
 
@@ -25,20 +25,19 @@ def read_back(task, batch):
         row_labels = ["unpredictable"] * (len(seq) - 1)
         for start in range(1, len(seq), 3):
             first, second, third = seq[start : start + 3]
-            assert third == 1  # SEP closes every event
-            row_labels[start + 1] = "structural"
-            if first < task.first_query:  # bind
-                key = first
-                assert latest.get(key) != second, "a re-binding must change the value"
-                latest[key], bound_at[key], times[key] = second, start + 1, times.get(key, 0) + 1
-            elif first < task.first_value:  # recall: answer is the latest value of the key
-                key = first - task.first_query + 2
-                assert second == latest[key], "recall target is not the latest bound value"
-                distance = start + 1 - bound_at[key]
-                if times[key] > 1:
-                    row_labels[start] = "recall_rebound"
+            if first == QUERY:  # recall "? k v": the answer is the latest value of k
+                assert third == latest[second], "recall target is not the latest bound value"
+                distance = start + 2 - bound_at[second]
+                if times[second] > 1:
+                    row_labels[start + 1] = "recall_rebound"
                 else:
-                    row_labels[start] = "recall_far" if distance > cfg.far_distance else "recall_near"
+                    row_labels[start + 1] = "recall_far" if distance > cfg.far_distance else "recall_near"
+                continue
+            assert third == SEP  # binds and fillers end in ";"
+            row_labels[start + 1] = "structural"
+            if first < task.first_value:  # bind "k v ;"
+                assert latest.get(first) != second, "a re-binding must change the value"
+                latest[first], bound_at[first], times[first] = second, start + 1, times.get(first, 0) + 1
             else:  # filler: the symbol repeats
                 assert second == first
                 row_labels[start] = "easy"
@@ -52,10 +51,10 @@ def recall_distances(task, batch):
         seq = [*batch.input_ids[row].tolist(), batch.targets[row, -1].item()]
         bound_at = {}
         for start in range(1, len(seq), 3):
-            if seq[start] < task.first_query:
-                bound_at[seq[start]] = start + 1
+            if seq[start] == QUERY:
+                out.append(start + 2 - bound_at[seq[start + 1]])
             elif seq[start] < task.first_value:
-                out.append(start + 1 - bound_at[seq[start] - task.first_query + 2])
+                bound_at[seq[start]] = start + 1
     return torch.tensor(out, dtype=torch.float)
 
 
@@ -63,7 +62,7 @@ def test_default_is_registered_and_sized_for_a_cpu_run():
     cfg = build_run_config({}, ["model.name=transformer"])
     task = build_data(cfg.data)
     assert isinstance(task, BindRecallTask)
-    assert task.seq_len == 63 and task.vocab_size == 50
+    assert task.seq_len == 63 and task.vocab_size == 35
     assert task.chance_accuracy()["recall_uniform"] == pytest.approx(1 / 16)
     assert task.chance_accuracy()["recall_live"] == pytest.approx(1 / 8)
 
@@ -97,9 +96,10 @@ def test_counts_follow_the_config():
     recalls = sum((batch.labels == names.index(n)).sum(1) for n in ("recall_near", "recall_far", "recall_rebound"))
     assert torch.equal(recalls, torch.full((16,), 4))
     assert torch.equal((batch.labels == names.index("easy")).sum(1), torch.full((16,), 4))
-    assert torch.equal((batch.labels == names.index("structural")).sum(1), torch.full((16,), cfg.events))
-    keys = (batch.input_ids >= 2) & (batch.input_ids < task.first_query)
-    assert torch.equal(keys.sum(1), torch.full((16,), 8))  # 5 bindings + 3 re-bindings
+    binds_and_fillers = cfg.events - cfg.n_queries
+    assert torch.equal((batch.labels == names.index("structural")).sum(1), torch.full((16,), binds_and_fillers))
+    keys = (batch.input_ids > QUERY) & (batch.input_ids < task.first_value)
+    assert torch.equal(keys.sum(1), torch.full((16,), 8 + 4))  # 5 bindings + 3 re-bindings + 4 recalls
 
 
 def test_gap_and_fillers_push_recalls_further_away():
@@ -126,14 +126,14 @@ def test_more_bindings_means_more_live_keys():
         task = BindRecallTask(BindRecallConfig(n_bindings=n, n_rebinds=0, n_queries=4))
         batch = draw(task, 8)
         for row in batch.input_ids:
-            keys = row[(row >= 2) & (row < task.first_query)]
+            keys = row[(row > QUERY) & (row < task.first_value)]
             assert keys.unique().numel() == n
 
 
 def test_decode_and_bad_config():
     task = BindRecallTask(BindRecallConfig())
     text = task.decode(draw(task, 1).input_ids[0].tolist())
-    assert text.startswith("<s> ") and "?k" in text and " ; " in text
+    assert text.startswith("<s> ") and " ? k" in text and " ; " in text
     with pytest.raises(ConfigError, match="n_queries"):
         build_run_config({}, ["data.n_queries=9"])
     with pytest.raises(ValueError, match="n_values"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from parallax.data.bind_recall import LABEL_NAMES, BindRecallConfig, BindRecallTask
+from parallax.data.bind_recall import LABEL_NAMES, QUERY, BindRecallConfig, BindRecallTask
 from parallax.eval.kdof import (
     average_ranks,
     compute_quality_curve,
@@ -104,7 +104,7 @@ class FakeConfig:
 
 
 class CopyingFakeModel(nn.Module):
-    """Predicts "repeat the input token" with confidence k_max; spends k_max on query keys
+    """Predicts "repeat the input token" with confidence k_max; spends k_max on queried keys
     (recall positions of bind_recall) and k_max // 4 elsewhere. Fails when k_max == 13."""
 
     def __init__(self, task):
@@ -118,7 +118,8 @@ class CopyingFakeModel(nn.Module):
         if self.config.k_max == 13:
             raise RuntimeError("boom")
         logits = self.config.k_max * nn.functional.one_hot(input_ids, self.task.vocab_size).float()
-        is_query = (input_ids >= self.task.first_query) & (input_ids < self.task.first_value)
+        is_query = torch.zeros_like(input_ids, dtype=torch.bool)
+        is_query[:, 1:] = input_ids[:, :-1] == QUERY  # the queried key, whose target is the recall
         k = torch.where(is_query, self.config.k_max, self.config.k_max // 4).float()
         return ModelOutput(logits=logits, diagnostics={"k_used": k})
 

@@ -3,23 +3,28 @@
 This is the task on which the CWS seeds report K-DOF (more iterations on hard recall tokens
 than on easy ones), so every scored token carries a label saying how hard it is.
 
-Layout. A sequence is ``BOS`` followed by events of three tokens, each ending in ``;``:
+Layout. A sequence is ``BOS`` followed by events of three tokens:
 
-* bind    ``k v ;``   key ``k`` (bind form) now holds value ``v``
-* recall  ``?k v ;``  ``?k`` is the query form of key ``k``; ``v`` is its latest value
+* bind    ``k v ;``   key ``k`` now holds value ``v``
+* recall  ``? k v``   ``?`` opens a query of key ``k``; ``v`` is its latest value
 * filler  ``f f ;``   a value symbol repeated: a distractor whose second copy is predictable
+
+A recall names the key with the same token that bound it, so answering is one lookup: find
+the earlier ``k``, read the value after it (the layout of associative-recall benchmarks such
+as MQAR). An earlier layout with a separate query symbol per key also had to learn the
+pairing of the two symbols, and no model learned its recall in a few thousand steps.
 
 Events come in a write phase (``n_bindings`` first bindings of distinct keys and
 ``n_rebinds`` re-bindings of already bound keys to a new value, each after its key's first
 binding), then ``gap`` filler events, then a read phase of ``n_queries`` recalls of distinct
 bound keys. ``n_fillers`` further fillers are scattered at random over the whole sequence.
-Because the first token of an event says what kind it is, every token but the event openers
-and the bound values is predictable.
+Because the first token of an event says what kind it is, every token but the event openers,
+the queried keys and the bound values is predictable.
 
 Labels of the target at each position (``label_names``):
 
-* ``unpredictable`` event openers and bound values (random by construction; not scored)
-* ``structural``    the ``;`` closing every event (fixed by the period; scored)
+* ``unpredictable`` event openers, queried keys and bound values (random; not scored)
+* ``structural``    the ``;`` closing binds and fillers (fixed by the period; scored)
 * ``easy``          the copy in a filler (scored)
 * ``recall_rebound`` recall of a key bound more than once (the latest value wins; scored)
 * ``recall_far``    recall of a key bound once, more than ``far_distance`` tokens back
@@ -40,8 +45,8 @@ from parallax.config import DataConfig
 from parallax.data.batch import Batch, DataSource
 from parallax.registry import DATA
 
-BOS, SEP = 0, 1
-FIRST_KEY = 2
+BOS, SEP, QUERY = 0, 1, 2
+FIRST_KEY = 3
 
 UNPREDICTABLE, STRUCTURAL, EASY, RECALL_NEAR, RECALL_FAR, RECALL_REBOUND = range(6)
 LABEL_NAMES = ("unpredictable", "structural", "easy", "recall_near", "recall_far", "recall_rebound")
@@ -77,15 +82,14 @@ class BindRecallConfig(DataConfig):
 
 @DATA.register("bind_recall", BindRecallConfig, "bind keys to values, recall them later (graded labels)")
 class BindRecallTask(DataSource):
-    """Token ids: ``BOS``, ``SEP`` (``;``), keys, query keys, then values."""
+    """Token ids: ``BOS``, ``SEP`` (``;``), ``QUERY`` (``?``), keys, then values."""
 
     label_names = LABEL_NAMES
 
     def __init__(self, cfg: BindRecallConfig):
         cfg.validate()
         self.cfg = cfg
-        self.first_query = FIRST_KEY + cfg.n_keys
-        self.first_value = self.first_query + cfg.n_keys
+        self.first_value = FIRST_KEY + cfg.n_keys
         self.vocab_size = self.first_value + cfg.n_values
         self.seq_len = 3 * cfg.events
 
@@ -151,13 +155,13 @@ class BindRecallTask(DataSource):
                 bound_at[key] = len(tokens) - 2
                 times_bound[key] = times_bound.get(key, 0) + 1
             elif kind == "recall":
-                tokens += [self.first_query + key, value_id, SEP]
-                distance = len(tokens) - 2 - bound_at[key]
+                tokens += [QUERY, FIRST_KEY + key, value_id]
+                distance = len(tokens) - 1 - bound_at[key]
                 if times_bound[key] > 1:
                     grade = RECALL_REBOUND
                 else:
                     grade = RECALL_FAR if distance > self.cfg.far_distance else RECALL_NEAR
-                labels += [UNPREDICTABLE, grade, STRUCTURAL]
+                labels += [UNPREDICTABLE, UNPREDICTABLE, grade]
             else:
                 tokens += [value_id, value_id, SEP]
                 labels += [UNPREDICTABLE, EASY, STRUCTURAL]
@@ -169,10 +173,10 @@ class BindRecallTask(DataSource):
                 return "<s>"
             if i == SEP:
                 return ";"
-            if i < self.first_query:
-                return f"k{i - FIRST_KEY}"
+            if i == QUERY:
+                return "?"
             if i < self.first_value:
-                return f"?k{i - self.first_query}"
+                return f"k{i - FIRST_KEY}"
             return f"v{i - self.first_value}"
 
         return " ".join(name(i) for i in ids)
