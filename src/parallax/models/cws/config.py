@@ -35,6 +35,10 @@ class CWSConfig(ModelConfig):
     mlp_hidden: int = 256
     siren_hidden: int = 128
     siren_omega: float = 30.0
+    # h-clocked experts read e(h_eff, x): h_eff plus a projection of the token's observation
+    # (the pseudo-code's x). Off, they read h_eff alone and iteration K > 1 must recover the
+    # token's identity from h_{K-1}, which the no-grad iterations never learn to keep.
+    ground: bool = False
     # the inner loop
     decay: float = 0.9
     base: float = 2.0

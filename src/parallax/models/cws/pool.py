@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from parallax.models.cws.config import CWSConfig
 from parallax.models.cws.experts import AttentionProbe, MLPProbe, SirenPrior, SSMExpert
-from parallax.models.layers import KVCache
+from parallax.models.layers import KVCache, RMSNorm
 
 
 @dataclass
@@ -24,10 +24,12 @@ class TokenContext:
 
     ``observation`` (B, T, d) is the token's own reading (embedding, plus the SSM read when
     the pool has an SSM); ``fixed`` holds token-clocked proposals (B, T, S, d) by expert name;
-    ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T.
+    ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T;
+    ``grounding`` (B, T, d) what the h-clocked experts add to h_eff (``CWSConfig.ground``).
     """
 
     observation: Tensor
+    grounding: Tensor | None = None
     fixed: dict[str, Tensor] = field(default_factory=dict)
     probe_kv: tuple[Tensor, Tensor] | None = None
 
@@ -60,6 +62,11 @@ class ExpertPool(nn.Module):
             else:
                 experts[name] = SirenPrior(d, slots, cfg.siren_hidden, cfg.siren_omega)
         self.experts = nn.ModuleDict(experts)
+        h_clocked = any(name != "ssm" for name in cfg.experts)
+        self.ground = (
+            nn.Sequential(RMSNorm(d, cfg.norm_eps), nn.Linear(d, d, bias=False))
+            if cfg.ground and h_clocked else None
+        )
 
     @property
     def total_slots(self) -> int:
@@ -106,10 +113,14 @@ class ExpertPool(nn.Module):
             )
         if cache is not None:
             cache.last_embedding = x[:, -1:]
+        if self.ground is not None:
+            context.grounding = self.ground(context.observation)
         return context
 
     def forward(self, h_eff: Tensor, context: TokenContext) -> Tensor:
         """Every expert's slots for state h_eff (B, T, d): (B, T, S_total, d)."""
+        if context.grounding is not None:
+            h_eff = h_eff + context.grounding
         proposals = []
         for name, expert in self.experts.items():
             if name in context.fixed:
