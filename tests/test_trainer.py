@@ -52,3 +52,23 @@ def test_transformer_learns_sort(tmp_path):
             "train.eval_every=150", "train.save_every=150"]
     summary = train(RunConfig.from_dict({}, over), tmp_path / "run")
     assert summary["eval"]["token_accuracy"] > 0.9
+
+
+def test_bare_train_command_runs_the_default_job(tmp_path):
+    """`parallax train` with no model/task trains the small CWS BIND/RECALL job of the README."""
+    import json
+
+    from parallax.cli.main import main
+
+    out = tmp_path / "default"
+    assert main(["train", "--out", str(out), "train.steps=2", "train.eval_every=2",
+                 "train.eval_batches=1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["name"] == "cws" and cfg["model"]["d_model"] == 64
+    assert cfg["data"]["name"] == "bind_recall" and cfg["data"]["n_keys"] == 8
+    assert cfg["train"]["steps"] == 2
+
+    explicit = tmp_path / "explicit"
+    assert main(["train", "--out", str(explicit), "--model", "cws", "train.steps=1",
+                 "train.eval_every=1", "train.eval_batches=1"]) == 0
+    assert json.loads((explicit / "config.json").read_text())["model"]["d_model"] != 64

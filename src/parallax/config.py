@@ -103,6 +103,20 @@ class RunConfig:
 
 DEFAULT_MODEL = "cws"
 DEFAULT_TASK = "bind_recall"
+
+# `parallax train` with no --config/--model/--task: the CWS on a BIND/RECALL small enough to
+# train in a few minutes on 2 CPU cores (the class defaults are the GPU-scale settings).
+DEFAULT_JOB: dict[str, dict[str, Any]] = {
+    "model": {
+        "name": DEFAULT_MODEL, "d_model": 64, "mlp_hidden": 128, "siren_hidden": 64,
+        "probe_head_dim": 16, "k_max": 4,
+    },
+    "data": {
+        "name": DEFAULT_TASK, "n_keys": 8, "n_values": 8, "n_bindings": 4, "n_rebinds": 1,
+        "n_queries": 3, "n_fillers": 2, "far_distance": 16,
+    },
+    "train": {"steps": 1000, "eval_every": 250, "save_every": 250},
+}
 SECTIONS = ("model", "data", "train")
 
 

@@ -1,8 +1,9 @@
 """Train a model.
 
-With no arguments, trains the default job: the Central Workspace (cws) on BIND/RECALL, small
-enough for a laptop CPU. Settings resolve in order: built-in defaults, a TOML preset
-(--config), the shortcuts below, then key=value overrides, e.g.
+With no --config, --model or --task, trains the default job: the Central Workspace (cws) on
+a small BIND/RECALL, a few minutes on a laptop CPU (key=value overrides still apply).
+Settings resolve in order: built-in defaults, a TOML preset (--config) or the default job,
+the shortcuts below, then key=value overrides, e.g.
 
     parallax train --model transformer --task sort train.steps=400 model.d_model=64
     parallax train --config configs/cws-mamba.toml --out runs/cws
@@ -34,7 +35,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import json
 
-    from parallax.config import RunConfig, load_toml
+    from parallax.config import DEFAULT_JOB, RunConfig, load_toml
     from parallax.errors import ConfigError
     from parallax.train import resume_config, train
 
@@ -49,7 +50,11 @@ def run(args) -> int:
         cfg = resume_config(args.resume, overrides)
         out = Path(args.resume)
     else:
-        raw = load_toml(args.config) if args.config else {}
+        names_given = any(o.startswith(("model.name=", "data.name=")) for o in overrides)
+        if args.config:
+            raw = load_toml(args.config)
+        else:
+            raw = {} if args.model or args.task or names_given else DEFAULT_JOB
         cfg = RunConfig.from_dict(raw, overrides)
         out = Path(args.out or f"runs/{cfg.model_name}-{cfg.data_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     summary = train(cfg, out, resume=bool(args.resume))
