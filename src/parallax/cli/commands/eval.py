@@ -8,12 +8,14 @@ loss, and a compute-quality curve, with PNG plots written next to the run.
     parallax eval runs/cws
     parallax eval runs/cws --json > metrics.json
     parallax eval runs/cws model.k_max=48          # a test-time knob changed for this eval
+    parallax eval runs/cws --report report.html    # one self-contained page: metrics, plots, per-token K
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 HELP = "evaluate a run: metrics, K-DOF analysis and plots"
@@ -28,6 +30,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print all results as JSON on stdout")
     parser.add_argument("--plots", metavar="DIR", help="where to write PNG plots (default RUN_DIR/eval)")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
+    parser.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report (metrics, plots, "
+                        "and for models that report K a per-token compute explorer)")
 
 
 def run(args) -> int:
@@ -45,6 +49,12 @@ def run(args) -> int:
         print(json.dumps(results, indent=2, default=_jsonable))
     else:
         print_results(results)
+    if args.report:
+        from parallax.eval.report import write_report
+
+        path = write_report(args.report, results, run_dir=args.run_dir, overrides=list(args.overrides),
+                            device=args.device)
+        print(f"report  {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -73,10 +83,16 @@ def format_kdof(kdof: dict) -> str:
     lines = ["K-DOF"]
     for name, stats in kdof.get("per_label", {}).items():
         lines.append(f"  {name:<16} mean K {stats['mean_k']:6.2f}   median K {stats['median_k']:5.1f}   accuracy {stats['accuracy']:.3f}")
-    if kdof.get("hard_easy_ratio") is not None:
-        lines.append(f"  hard/easy K ratio {kdof['hard_easy_ratio']:.2f}")
+    ratio = kdof.get("hard_vs_easy") or {}
+    if ratio.get("ratio") is not None:
+        lines.append(f"  hard/easy K  {ratio['hard_mean_k']:.2f} / {ratio['easy_mean_k']:.2f} = {ratio['ratio']:.2f}"
+                     f"   ({', '.join(ratio['hard_labels'])} vs {', '.join(ratio['easy_labels'])})")
     if kdof.get("spearman_k_loss") is not None:
         lines.append(f"  Spearman(K, loss) {kdof['spearman_k_loss']:+.3f}")
+    bins = [b for b in kdof.get("k_by_surprisal", []) if b["mean_k"] is not None]
+    if bins:
+        lines.append("  mean K by surprisal decile (low to high): "
+                     + " ".join(f"{b['mean_k']:.1f}" for b in bins))
     for point in kdof.get("compute_quality", []):
         knob = "k_max" if "k_max" in point else "tol"
         lines.append(f"  {knob}={point[knob]:<8} mean K {point['mean_k']:6.2f}   accuracy {point['accuracy']:.3f}   loss {point['loss']:.3f}")
