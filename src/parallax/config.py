@@ -68,8 +68,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
-    parallel: str = "none"  # none | ddp | fsdp (several processes under torchrun)
+    parallel: str = "none"  # none | ddp | fsdp; under torchrun with several processes none means ddp
     progress: bool = True
+
+    def validate(self) -> None:
+        if self.parallel not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be none, ddp or fsdp, got {self.parallel!r}")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Device, precision and process layout of a training run.
 
-Single-process runs have ``rank 0`` of ``world_size 1``; the distributed launcher fills these
-from torch.distributed so the trainer itself never branches on how it was started.
+Single-process runs have ``rank 0`` of ``world_size 1`` and ``parallel "none"``;
+``distributed.launch`` fills these from torchrun's environment, so the trainer asks the runtime
+instead of branching on how it was started.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Runtime:
     autocast_dtype: torch.dtype | None  # None = full fp32
     rank: int = 0
     world_size: int = 1
+    parallel: str = "none"  # none | ddp | fsdp; "none" whenever world_size is 1
 
     @property
     def is_main(self) -> bool:

@@ -3,9 +3,10 @@
 AdamW with linear warm-up and cosine decay, gradient clipping and accumulation, bf16 autocast
 on CUDA (fp32 on CPU), optional ``torch.compile``, periodic evaluation, a progress bar,
 TensorBoard + ``metrics.jsonl``, and atomic checkpoints that resume exactly: batches are a
-pure function of (seed, step, rank), the schedule a pure function of the step, and the
-optimizer and RNG states are restored, so a resumed run computes the same losses as an
-uninterrupted one.
+pure function of (seed, step), the schedule a pure function of the step, and the optimizer
+and RNG states are restored, so a resumed run computes the same losses as an uninterrupted
+one. Several processes (DDP or FSDP2 under torchrun) go through ``train.distributed``: each
+rank trains on its slice of the global batch and rank 0 alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from parallax.data.batch import batch_generator
 from parallax.errors import CheckpointError, ConfigError, TrainingDiverged
 from parallax.eval.records import collect_records, summarize
 from parallax.models import build_model, count_parameters
+from parallax.train import distributed
 from parallax.train.metrics_log import MetricsLogger
 from parallax.train.runtime import Runtime, single_process_runtime
 from parallax.train.schedule import lr_at
@@ -100,21 +102,25 @@ class Trainer:
         self.runtime = runtime or single_process_runtime(cfg.train.device, cfg.train.precision)
         self.source = build_data(cfg.data)
         bind_data_shapes(cfg, self.source)
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model).to(self.runtime.device)
-        self.optimizer = build_optimizer(self.model, cfg, self.runtime.device)
         self.step = 0
-        self._prepare_run_dir(resume)
-        self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self._cpu_copy: torch.nn.Module | None = None
+        state = self._prepare_run_dir(resume)
+        self.train_model = distributed.wrap_model(self.model, self.runtime)
+        self.optimizer = build_optimizer(self.model, cfg, self.runtime.device)
+        if state is not None:
+            distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.runtime)
+        self.forward_model = torch.compile(self.train_model) if cfg.train.compile else self.train_model
 
     # -- run directory -------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
+        """Start the run directory, or restore the weights and return the saved trainer state."""
         ckpt = latest_checkpoint(self.run_dir) if self.run_dir.is_dir() else None
         if resume:
             if ckpt is None:
                 raise CheckpointError(f"cannot resume: {str(self.run_dir)!r} holds no checkpoint")
-            self._restore(ckpt)
-            return
+            return self._restore(ckpt)
         if ckpt is not None:
             raise CheckpointError(
                 f"{str(self.run_dir)!r} already holds a run; resume it with --resume or choose another --out"
@@ -124,28 +130,42 @@ class Trainer:
             write_text_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_json() + "\n")
             env = describe_environment(self.cfg, self.source, count_parameters(self.model), self.runtime)
             write_text_atomic(self.run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
+        return None
 
-    def _restore(self, ckpt: Path) -> None:
+    def _restore(self, ckpt: Path) -> dict[str, Any]:
+        """Weights, step and RNG now (before any wrapping); the optimizer state is returned."""
         load_weights(ckpt, self.model, self.cfg.model_name)
         state = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng_cpu"])
         if self.runtime.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], self.runtime.device)
+        return state
 
     def save(self) -> Path | None:
-        if not self.runtime.is_main:
+        """Write a checkpoint from rank 0 (every rank must call it: FSDP2 gathers the weights)."""
+        model, optimizer_state = distributed.checkpoint_state(self.model, self.optimizer, self.runtime, self._cpu_model)
+        if model is None:
             return None
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "step": self.step,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.runtime.device) if self.runtime.device.type == "cuda" else None,
         }
         return save_checkpoint(
-            self.run_dir, self.step, self.model, self.cfg.model_name, state, self.cfg.train.keep_checkpoints
+            self.run_dir, self.step, model, self.cfg.model_name, state, self.cfg.train.keep_checkpoints
         )
+
+    def _cpu_model(self) -> torch.nn.Module:
+        """An unsharded CPU copy of the model that FSDP2 checkpoints are gathered into (built once).
+
+        Built without touching the RNG, which every rank must keep in step.
+        """
+        if self._cpu_copy is None:
+            with torch.random.fork_rng(devices=[]):
+                self._cpu_copy = build_model(self.cfg.model)
+        return self._cpu_copy
 
     # -- one optimizer step ----------------------------------------------------------------
     def train_step(self) -> tuple[float, int]:
@@ -158,14 +178,16 @@ class Trainer:
         total = torch.zeros((), device=self.runtime.device)
         tokens = 0
         for micro in range(t.grad_accum):
-            gen = batch_generator(t.seed, "train", self.step * t.grad_accum + micro, self.runtime.rank)
-            batch = self.source.batch("train", t.batch_size, gen).to(self.runtime.device)
-            with self.runtime.autocast():
-                out = self.forward_model(batch.input_ids, batch.targets, batch.loss_mask)
-            (out.loss / t.grad_accum).backward()
+            gen = batch_generator(t.seed, "train", self.step * t.grad_accum + micro)
+            global_batch = self.source.batch("train", self.runtime.world_size * t.batch_size, gen)
+            batch = distributed.rank_rows(global_batch, self.runtime).to(self.runtime.device)
+            with distributed.gradient_sync(self.train_model, self.runtime, enabled=micro == t.grad_accum - 1):
+                with self.runtime.autocast():
+                    out = self.forward_model(batch.input_ids, batch.targets, batch.loss_mask)
+                (out.loss / t.grad_accum).backward()
             total += out.loss.detach()
             tokens += batch.input_ids.numel()
-        loss = (total / t.grad_accum).item()
+        loss = distributed.mean_over_ranks(total / t.grad_accum, self.runtime).item()
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
@@ -180,11 +202,19 @@ class Trainer:
         return loss, tokens
 
     def evaluate(self) -> dict[str, Any]:
+        """Validation metrics; computed on rank 0, or on every rank when FSDP2 must gather weights.
+
+        Evaluation leaves the RNG as it was, so ranks that skip it stay in step with rank 0.
+        """
+        if not (self.runtime.is_main or self.runtime.parallel == "fsdp"):
+            return {}
         t = self.cfg.train
-        records = collect_records(
-            self.model, self.source, batches=t.eval_batches, batch_size=t.batch_size,
-            device=self.runtime.device, seed=t.seed, autocast_dtype=self.runtime.autocast_dtype,
-        )
+        devices = [self.runtime.device] if self.runtime.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            records = collect_records(
+                self.model, self.source, batches=t.eval_batches, batch_size=t.batch_size,
+                device=self.runtime.device, seed=t.seed, autocast_dtype=self.runtime.autocast_dtype,
+            )
         metrics = summarize(records)
         k = records.token_diagnostics.get("k_used")
         if k is not None:
@@ -267,9 +297,15 @@ def format_eval_line(step: int, metrics: dict[str, Any]) -> str:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``out_dir`` (or continue it with ``resume=True``); returns a summary."""
-    trainer = Trainer(cfg, out_dir, resume=resume)
-    return trainer.fit()
+    """Train ``cfg`` into ``out_dir`` (or continue it with ``resume=True``); returns a summary.
+
+    Under torchrun every process calls this; they train one model together, in ``out_dir`` as
+    rank 0 named it.
+    """
+    t = cfg.train
+    with distributed.launch(t.device, t.precision, t.parallel) as runtime:
+        out_dir = distributed.from_rank0(str(out_dir), runtime)
+        return Trainer(cfg, out_dir, resume=resume, runtime=runtime).fit()
 
 
 def resume_config(run_dir: str | Path, overrides: list[str]) -> RunConfig:

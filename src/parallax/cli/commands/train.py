@@ -8,6 +8,8 @@ the shortcuts below, then key=value overrides, e.g.
     parallax train --model transformer --task sort train.steps=400 model.d_model=64
     parallax train --config configs/cws-mamba.toml --out runs/cws
     parallax train --resume runs/cws train.steps=2000
+    parallax train --nproc 2 --model transformer --task sort    # data parallel, 2 processes
+    torchrun --nproc-per-node 2 -m parallax train train.parallel=fsdp
 
 Run `parallax models -v` and `parallax tasks -v` for every model.* and data.* key.
 """
@@ -30,6 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     parser.add_argument("--device", help="shortcut for train.device=... (auto, cpu, cuda, cuda:N)")
     parser.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    parser.add_argument("--nproc", type=int, metavar="N", help="train data-parallel in N processes (relaunches itself under torchrun)")
 
 
 def run(args) -> int:
@@ -38,6 +41,7 @@ def run(args) -> int:
     from parallax.config import DEFAULT_JOB, RunConfig, load_toml
     from parallax.errors import ConfigError
     from parallax.train import resume_config, train
+    from parallax.train.distributed import is_main_process, relaunch
 
     shortcuts = [f"model.name={args.model}"] if args.model else []
     shortcuts += [f"data.name={args.task}"] if args.task else []
@@ -57,12 +61,26 @@ def run(args) -> int:
             raw = {} if args.model or args.task or names_given else DEFAULT_JOB
         cfg = RunConfig.from_dict(raw, overrides)
         out = Path(args.out or f"runs/{cfg.model_name}-{cfg.data_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.nproc is not None:
+        return relaunch(args.nproc, relaunch_argv(args, out))
     summary = train(cfg, out, resume=bool(args.resume))
+    if not is_main_process():
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print_summary(summary)
     return 0
+
+
+def relaunch_argv(args, out: Path) -> list[str]:
+    """This command line without --nproc, with the run directory fixed so every rank shares it."""
+    argv = ["train", *args.overrides]
+    for flag in ("config", "model", "task", "steps", "device"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    argv += ["--resume", str(out)] if args.resume else ["--out", str(out)]
+    return argv + (["--json"] if args.json else [])
 
 
 def print_summary(summary: dict) -> None:
