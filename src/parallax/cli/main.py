@@ -35,9 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, letting ``key=value`` overrides and options come in any order.
+
+    ``parallax eval RUN --batches 4 model.k_max=8`` needs intermixed parsing of the
+    subcommand's arguments; a subcommand with subcommands of its own (``bench``) cannot use it.
+    """
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv and argv[0] in commands:
+        try:
+            args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        except TypeError:
+            return parser.parse_args(argv)
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0
