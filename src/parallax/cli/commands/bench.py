@@ -1,11 +1,16 @@
 """Benchmarks, one sub-action each.
 
-  memory   training-step memory at several depths K: bytes saved for backward (any device)
-           and peak allocated memory (CUDA). The model comes from --config and --set, as
-           for ``parallax train``.
+  memory      training-step memory at several depths K: bytes saved for backward (any device)
+              and peak allocated memory (CUDA). The model comes from --config and --set, as
+              for ``parallax train``.
+  throughput  every model at matched sizes: training tokens/s, achieved TFLOP/s (every
+              iteration counted, the no-grad ones too) as a fraction of the device's measured
+              matmul ceiling, peak memory, inference tokens/s; the device ceilings first.
 
-Example:
+Examples:
   parallax bench memory --model cws --k 8 24 48 --device cuda --json memory.json
+  parallax bench throughput --json throughput.json
+  parallax bench throughput --models transformer cws --dim 256 --set cws.k_max=48
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HELP = "measure the models (memory per depth K, ...)"
+HELP = "measure the models (memory per depth K, throughput)"
 
 
 def add_arguments(parser) -> None:
@@ -28,6 +33,30 @@ def add_arguments(parser) -> None:
     memory.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     memory.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     memory.set_defaults(action_handler=run_memory)
+
+    from parallax.bench.throughput import DEFAULT_MODELS, ThroughputConfig
+
+    d = ThroughputConfig()
+    tp = actions.add_parser("throughput", help="training and inference speed of every model, beside the device ceilings")
+    tp.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="models to measure, in order")
+    tp.add_argument("--dim", type=int, default=d.dim, help="model width of every model")
+    tp.add_argument("--seq", type=int, default=d.seq, help="training sequence length (and context)")
+    tp.add_argument("--batch", type=int, default=d.batch, help="training batch size")
+    tp.add_argument("--vocab", type=int, default=d.vocab, help="vocabulary size of the random tokens")
+    tp.add_argument("--warmup", type=int, default=d.warmup, help="untimed training steps first")
+    tp.add_argument("--steps", type=int, default=d.steps, help="timed training steps (median reported)")
+    tp.add_argument("--gen-batches", type=int, nargs="+", default=list(d.gen_batches), help="inference batch sizes")
+    tp.add_argument("--prompt", type=int, default=d.prompt, help="prompt tokens before generation")
+    tp.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="new tokens per generation")
+    tp.add_argument("--gen-repeats", type=int, default=d.gen_repeats, help="timed generations (median reported)")
+    tp.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    tp.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    tp.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    tp.add_argument("--set", dest="overrides", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                    help="change a matched config, e.g. --set cws.k_max=48 (repeatable)")
+    tp.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON (after every model)")
+    tp.set_defaults(action_handler=run_throughput)
 
 
 def run(args) -> int:
@@ -65,3 +94,18 @@ def run_memory(args) -> int:
         report = {"model": cfg.model_name, "device": device, "config": cfg.to_dict(), "rows": rows}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def run_throughput(args) -> int:
+    from parallax.bench.throughput import ThroughputConfig, format_table
+    from parallax.bench.throughput import run_throughput as measure
+
+    tc = ThroughputConfig(
+        models=tuple(args.models), dim=args.dim, seq=args.seq, batch=args.batch, vocab=args.vocab,
+        warmup=args.warmup, steps=args.steps, gen_batches=tuple(args.gen_batches), prompt=args.prompt,
+        gen_tokens=args.gen_tokens, gen_repeats=args.gen_repeats, compile=args.compile,
+        precision=args.precision, device=args.device, overrides=tuple(args.overrides),
+    )
+    report = measure(tc, args.json)
+    print(format_table(report))
+    return 1 if any("error" in row for row in report["rows"]) else 0

@@ -1,0 +1,90 @@
+"""The throughput benchmark: its FLOP counts against torch's counter, and the CLI end to end on CPU."""
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from parallax.bench.flops import step_flops
+from parallax.bench.throughput import DEFAULT_MODELS, ThroughputConfig, matched_configs
+from parallax.cli.main import main
+from parallax.models import build_model
+
+BATCH, SEQ, VOCAB = 2, 32, 64
+# few iterations keep the counted passes quick; the counts scale with them all the same
+TINY = ThroughputConfig(
+    dim=64, seq=SEQ, batch=BATCH, vocab=VOCAB,
+    overrides=("cws.k_max=3", "recurrent.mean_iterations=3", "eam.solver_steps=4"),
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only adds contention (seconds per step on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def counted_flops(model, ids, backward: bool) -> int:
+    """torch's count; the math SDPA backend decomposes attention into counted matmuls on CPU."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+        if backward:
+            loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", DEFAULT_MODELS)
+def test_flop_count_matches_torch_counter(name):
+    cfg = matched_configs(TINY)[name]
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
+    flops = step_flops(name, cfg, BATCH, SEQ)
+    assert flops.forward == pytest.approx(counted_flops(model, ids, backward=False), rel=0.02)
+    assert flops.train == pytest.approx(counted_flops(model, ids, backward=True), rel=0.02)
+
+
+def test_cws_counts_every_iteration():
+    cfg = matched_configs(TINY)["cws"]
+    short = step_flops("cws", cfg, BATCH, SEQ)
+    cfg.k_max = 6
+    long = step_flops("cws", cfg, BATCH, SEQ)
+    assert long.no_grad > short.no_grad and long.with_grad == short.with_grad
+
+
+def test_cli_writes_a_row_per_model(tmp_path, capsys):
+    out = tmp_path / "throughput.json"
+    code = main([
+        "bench", "throughput", "--dim", "32", "--seq", "16", "--batch", "2", "--vocab", "64",
+        "--warmup", "0", "--steps", "1", "--gen-batches", "1", "2", "--prompt", "2", "--gen-tokens", "3",
+        "--gen-repeats", "1", "--set", "cws.k_max=2", "--json", str(out),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [row["model"] for row in report["rows"]] == list(DEFAULT_MODELS)
+    assert report["ceilings"]["matmul_tflops"] > 0 and report["ceilings"]["copy_gbps"] > 0
+    for row in report["rows"]:
+        assert "error" not in row
+        assert row["train_tokens_per_s"] > 0 and 0 < row["fraction_of_ceiling"]
+        assert [g["batch"] for g in row["inference"]] == [1, 2]
+        assert all(g["tokens_per_s"] > 0 for g in row["inference"])
+    table = capsys.readouterr().out
+    assert all(name in table for name in DEFAULT_MODELS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "nonesuch"], "unknown model 'nonesuch'"),
+    (["--set", "cws.k_max"], "MODEL.KEY=VALUE"),
+    (["--set", "cws.nonesuch=1"], "unknown key 'nonesuch'"),
+    (["--seq", "8", "--prompt", "4", "--gen-tokens", "8"], "must fit in --seq"),
+    (["--device", "gpu0"], "unknown device"),
+])
+def test_bad_input_is_a_one_line_error(argv, message, capsys):
+    assert main(["bench", "throughput", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
