@@ -7,8 +7,14 @@ hops) splits. The transformer's depth is fixed, so it is one point per split. Pa
 go into the results: the question is whether a dial over one small core matches a deep stack.
 
     python experiments/depth_dial.py --out runs/depth-dial                 # tiny, CPU
-    python experiments/depth_dial.py --out runs/depth-dial --steps 4000 --dim 256 --batch 128 \
-        --nodes 16 --max-hops 4 --ood-hops 12 --iterations 1 2 4 8 16 32   # GPU scale
+    python experiments/depth_dial.py --out runs/depth-dial --steps 3000 --dim 128 --batch 128 \
+        --nodes 8 --max-hops 2 --ood-hops 6 --iterations 1 2 4 8 16 32     # GPU
+
+Pointer chasing has a long chance plateau before the lookup circuit forms. On CPU (dim 64,
+8 queries, 8 nodes) a 2-layer transformer learned 1-hop chasing to 0.71 in 400 steps at the
+default lr 3e-3 (0.29 at lr 1e-3); with hops 1..2 neither a 4-layer transformer nor the
+recurrent model left the plateau within 400-800 steps, so at 16 nodes / 4 hops expect to need
+many thousands of steps (or a curriculum on ``--max-hops``).
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from common import parser, run_main, save_figure, score, train_run, write_json
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], steps=200)
+    p = parser(__doc__.splitlines()[0], steps=600)
     p.add_argument("--nodes", type=int, default=8)
-    p.add_argument("--queries", type=int, default=2)
+    p.add_argument("--queries", type=int, default=8, help="queries per sequence (answer tokens)")
     p.add_argument("--max-hops", type=int, default=2)
     p.add_argument("--ood-hops", type=int, default=4)
     p.add_argument("--train-iterations", type=int, default=4, help="mean r while training")

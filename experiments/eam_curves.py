@@ -7,7 +7,13 @@ solver step (the seed's claims: accuracy climbs from chance, the residual shrink
 plateaus). ``--solver-steps`` sets the depth of the solve; ``--grad-tail`` the live steps.
 
     python experiments/eam_curves.py --out runs/eam-curves                  # tiny, CPU
-    python experiments/eam_curves.py --out runs/eam-curves --steps 6000 --dim 512 --heads 8 --length 24 --batch 128
+    python experiments/eam_curves.py --out runs/eam-curves --steps 1500 --dim 256 --heads 8 \
+        --length 12 --vocab 16 --batch 128                                  # GPU, a few minutes
+
+Verified on CPU (fp32 and bf16 autocast alike): copy at dim 256, 8 heads, length 12, vocab 16,
+batch 32 falls from loss 2.96 to 0.02 in 80 steps; sort at that size was still near the
+position-only loss (1.9) after 200 steps, so it needs the GPU run's steps. Before the block's
+output projections were zero-initialised, every width >= 192 stayed at chance at any lr.
 """
 
 from __future__ import annotations

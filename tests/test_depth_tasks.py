@@ -23,12 +23,12 @@ def test_pointer_chase_answers_follow_the_listed_map():
     for row in range(6):
         seq = full_sequence(b, row)
         assert seq[0] == BOS
-        pairs = seq[1 : 1 + 2 * cfg.nodes]
-        table = dict(zip(pairs[0::2], pairs[1::2]))
-        assert sorted(table) == list(range(FIRST_SYMBOL, FIRST_SYMBOL + cfg.nodes))
-        rest, answers, sizes = seq[1 + 2 * cfg.nodes :], [], []
+        pairs = [divmod(t - source.first_pair, cfg.nodes) for t in seq[1 : 1 + cfg.nodes]]  # one token per pair
+        table = {a + FIRST_SYMBOL: fa + FIRST_SYMBOL for a, fa in pairs}
+        assert sorted(table) == sorted(table.values()) == list(range(FIRST_SYMBOL, FIRST_SYMBOL + cfg.nodes))
+        rest, answers, sizes = seq[1 + cfg.nodes :], [], []
         for q in range(cfg.queries):
-            sep, x, *ticks, y = rest[q * (cfg.ood_size + 3) : (q + 1) * (cfg.ood_size + 3)]
+            sep, *ticks, x, y = rest[q * (cfg.ood_size + 3) : (q + 1) * (cfg.ood_size + 3)]
             hops = ticks.count(TICK)
             assert sep == SEP and set(ticks) <= {TICK, PAD} and ticks[:hops] == [TICK] * hops
             node = x

@@ -108,3 +108,19 @@ def test_learns_copy():
     v = SOURCE.batch("val", 64, batch_generator(0, "val", 0))
     accuracy = (model(v.input_ids, loss_mask=v.loss_mask).logits.argmax(-1) == v.targets)[v.loss_mask].float().mean()
     assert accuracy > 0.5  # chance is 1/6
+
+
+def test_fixed_point_at_init_keeps_positions_distinct_at_large_width():
+    """Regression: with std-0.02 output projections the block's outputs outgrew the input x as dim
+    rose, and at dim 256 z* was nearly one vector shared by all positions (mean cosine 0.94), so
+    nothing trained (copy at chance on a GPU). Zero-initialised projections start at z* = x."""
+    model = tiny(dim=256, heads=8)
+    b = batch()
+    x = model.inject(torch.cat([b.input_ids, b.targets[:, -1:]], 1))
+    with torch.no_grad():
+        z, _, _ = model.solve(x)
+    unit = torch.nn.functional.normalize(z, dim=-1)
+    cos = unit @ unit.transpose(1, 2)
+    length = z.shape[1]
+    mean_off_diagonal = (cos.sum((1, 2)) - length) / (length * (length - 1))
+    assert mean_off_diagonal.abs().max() < 0.2

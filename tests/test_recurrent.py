@@ -112,3 +112,23 @@ def test_kv_cached_decoding_equals_the_full_forward():
     steps = [model(b.input_ids[:, :5], cache=cache).logits]
     steps += [model(b.input_ids[:, t : t + 1], cache=cache).logits for t in range(5, b.input_ids.shape[1])]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_state_stays_finite_far_beyond_the_trained_iterations_in_bf16():
+    """Regression: nothing bounded the state, so with an adapter that amplifies it |s| grew
+    geometrically (~1e22 at r=64 here), the final RMSNorm's mean square overflowed, the logits
+    came out all zero and argmax picked token 0 (accuracy exactly 0.000 at large r). The core's
+    output is now RMS-normalised every iteration."""
+    model, b = tiny().eval(), batch()
+    with torch.no_grad():
+        model.adapter.weight.mul_(20.0)  # an amplifying adapter, as training can produce
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            e = model.embed(b.input_ids)
+            for block in model.prelude:
+                e = block(e)
+            s = torch.zeros_like(e)
+            for _ in range(64):
+                s = model.core_step(s, e)
+            out = model(b.input_ids, iterations=64)
+    assert torch.isfinite(s).all() and s.float().abs().max() < 100
+    assert torch.isfinite(out.logits).all() and out.logits.float().std() > 0

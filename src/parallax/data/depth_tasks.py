@@ -10,9 +10,12 @@ In-distribution sizes are ``1..max_size``; out-of-distribution sizes are
 ``test`` split out-of-distribution ones; ``ood = true`` makes every split draw
 out-of-distribution sizes (so ``parallax eval`` can score extrapolation from config alone).
 
-* ``pointer_chase``: a random cyclic permutation ``f`` over ``nodes`` symbols is listed as
-  shuffled pairs ``a f(a)``; each query ``SEP x TICK^k PAD.. y`` asks for ``y = f^k(x)``: k
-  chained lookups.
+* ``pointer_chase``: a random cyclic permutation ``f`` over ``nodes`` symbols is listed in
+  shuffled order, one token per pair ``(a, f(a))`` (``nodes**2`` pair tokens); each query
+  ``SEP TICK^k PAD.. x y`` asks for ``y = f^k(x)``: k chained lookups. One token per pair makes
+  each hop one content-addressed attention read (a two-token ``a f(a)`` listing needs a
+  previous-token head first, and small models sat on the chance plateau for 800+ steps); the
+  start ``x`` sits just before the answer so the first lookup reads the current token.
 * ``automaton``: an elementary cellular automaton (``rule``, default 30: chaotic) on a ring of
   ``width`` binary cells; ``BOS cells SEP TICK^n PAD.. SEP answer`` asks for the cells after n
   steps. Small state errors grow under chaotic dynamics, so a latent state that drifts from the
@@ -80,9 +83,10 @@ def chase(f: Tensor, x: Tensor, hops: Tensor) -> Tensor:
 class PointerChase(DataSource):
     def __init__(self, cfg: PointerChaseConfig):
         self.cfg = cfg
-        self.vocab_size = FIRST_SYMBOL + cfg.nodes
-        self.query_len = 3 + cfg.ood_size  # SEP x TICK^k PAD.. y
-        self.seq_len = 2 * cfg.nodes + cfg.queries * self.query_len  # BOS + pairs + queries, minus one
+        self.first_pair = FIRST_SYMBOL + cfg.nodes  # pair token of (a, f(a)): first_pair + a * nodes + f(a)
+        self.vocab_size = self.first_pair + cfg.nodes * cfg.nodes
+        self.query_len = 3 + cfg.ood_size  # SEP TICK^k PAD.. x y
+        self.seq_len = cfg.nodes + cfg.queries * self.query_len  # BOS + pairs + queries, minus one
         self.label_names = ("prompt",) + tuple(f"hops={k}" for k in range(1, cfg.ood_size + 1))
 
     def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
@@ -90,7 +94,7 @@ class PointerChase(DataSource):
         cycle = torch.rand(b, m, generator=generator).argsort(1)
         f = torch.empty_like(cycle).scatter_(1, cycle, cycle.roll(-1, dims=1))  # one m-cycle
         listed = torch.rand(b, m, generator=generator).argsort(1)
-        pairs = torch.stack([listed, f.gather(1, listed)], 2).view(b, 2 * m) + FIRST_SYMBOL
+        pairs = self.first_pair + listed * m + f.gather(1, listed)
         lo, hi = size_range(split, cfg.max_size, cfg.ood_size, cfg.ood)
         x = torch.randint(0, m, (b, q), generator=generator)
         hops = torch.randint(lo, hi + 1, (b, q), generator=generator)
@@ -98,11 +102,11 @@ class PointerChase(DataSource):
         parts = [torch.full((b, 1), BOS), pairs]
         for i in range(q):
             ticks = unary(hops[:, i], cfg.ood_size)
-            parts += [torch.full((b, 1), SEP), x[:, i : i + 1] + FIRST_SYMBOL, ticks, y[:, i : i + 1] + FIRST_SYMBOL]
+            parts += [torch.full((b, 1), SEP), ticks, x[:, i : i + 1] + FIRST_SYMBOL, y[:, i : i + 1] + FIRST_SYMBOL]
         seq = torch.cat(parts, 1)
         answer = torch.zeros_like(seq, dtype=torch.bool)
         size = torch.zeros_like(seq)
-        answer_at = 1 + 2 * m + self.query_len * torch.arange(1, q + 1) - 1
+        answer_at = 1 + m + self.query_len * torch.arange(1, q + 1) - 1
         answer[:, answer_at] = True
         size[:, answer_at] = hops
         return to_batch(seq, answer, size)

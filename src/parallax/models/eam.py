@@ -148,6 +148,12 @@ class EquilibriumAssocMemory(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         init_weights(self)
+        # Zero output projections: at init f(z, x) = x, so z* = x keeps every position's token and
+        # role. With std-0.02 projections the block's outputs grow as sqrt(dim) while x does not,
+        # and at dim >= 256 the fixed point collapses to one vector shared by every position
+        # (mean cosine 0.94 between positions at dim 256), from which nothing is learned.
+        nn.init.zeros_(self.block.wo.weight)
+        nn.init.zeros_(self.block.mlp.w3.weight)
 
     # -- the fixed point ---------------------------------------------------------------------
 

@@ -114,6 +114,7 @@ class RecurrentDepthTransformer(nn.Module):
         self.core = nn.ModuleList(self._block() for _ in range(cfg.core_layers))
         self.coda = nn.ModuleList(self._block() for _ in range(cfg.coda_layers))
         self.adapter = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False) if cfg.reground == "adapter" else None
+        self.state_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self)
@@ -145,7 +146,12 @@ class RecurrentDepthTransformer(nn.Module):
         return max(cfg.min_iterations, min(cfg.max_iterations, r))
 
     def core_step(self, s: Tensor, e: Tensor, caches=None) -> Tensor:
-        """One iteration of the weight-tied core, re-grounded on the prelude output ``e``."""
+        """One iteration of the weight-tied core, re-grounded on the prelude output ``e``.
+
+        The new state is RMS-normalised: without it nothing bounds ``|s|`` over iterations (a
+        trained adapter amplifies it each pass), so beyond the trained r it overflows (bf16 and
+        then fp32) and the logits turn NaN.
+        """
         reground = self.config.reground
         if reground == "adapter":
             s = self.adapter(torch.cat([s, e], dim=-1))
@@ -153,7 +159,7 @@ class RecurrentDepthTransformer(nn.Module):
             s = s + e
         for i, block in enumerate(self.core):
             s = block(s, caches[i] if caches is not None else None)
-        return s
+        return self.state_norm(s)
 
     def forward(
         self,
