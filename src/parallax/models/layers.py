@@ -26,8 +26,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE) with cached cos/sin tables.
 
-    ``forward(x, positions)`` rotates ``x`` of shape (B, H, T, Dh) by the angles of
-    ``positions`` (a (T,) or (B, T) integer tensor). Tables grow on demand.
+    ``forward(x, start)`` rotates ``x`` of shape (B, H, T, Dh) by the angles of positions
+    ``start .. start + T - 1``. Positions are plain ints, so checking the table size never
+    waits on the device; tables grow on demand.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, max_seq_len: int = 2048):
@@ -46,14 +47,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self.cos.shape[0]:
-            self._build(max(needed, 2 * self.cos.shape[0]))
-        cos = self.cos[positions].to(x.dtype)  # (T, Dh/2) or (B, T, Dh/2)
-        sin = self.sin[positions].to(x.dtype)
-        if cos.dim() == 3:  # per-batch positions -> broadcast over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        end = start + x.shape[-2]
+        if end > self.cos.shape[0]:
+            self._build(max(end, 2 * self.cos.shape[0]))
+        cos = self.cos[start:end].to(x.dtype)  # (T, Dh/2)
+        sin = self.sin[start:end].to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return out.flatten(-2)
@@ -159,8 +158,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + t, device=x.device)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        q, k = self.rope(q, start), self.rope(k, start)
         if cache is not None:
             k, v = cache.append(k, v)
         mask = attention_mask(t, k.shape[2], self.window, x.device)

@@ -93,7 +93,7 @@ class AttentionProbe(nn.Module):
         b, t, _ = source.shape
         k = self.wk(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
         v = self.wv(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
-        k = self.rope(k, torch.arange(start, start + t, device=source.device))
+        k = self.rope(k, start)
         if cache is not None:
             k, v = cache.append(k, v)
         return k, v
@@ -102,7 +102,7 @@ class AttentionProbe(nn.Module):
         b, t, _ = h_eff.shape
         length = keys.shape[2]
         q = self.wq(h_eff).view(b, t, self.slots, self.head_dim).transpose(1, 2)
-        q = self.rope(q, torch.arange(length - t, length, device=h_eff.device))
+        q = self.rope(q, length - t)
         mask = attention_mask(t, length, None, h_eff.device)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1)
         return torch.einsum("bstk,skd->btsd", y, self.wo)
