@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from parallax.bench.memory import saved_tensor_bytes
-from parallax.config import RunConfig, build_run_config
+from parallax.config import RunConfig, build_run_config, load_toml
 from parallax.models import build_model
 from parallax.models.cws import CWSConfig
 from parallax.models.cws.settle import settle
@@ -342,7 +341,7 @@ def test_validate_rejects_bad_configs(bad, message):
 
 @pytest.mark.parametrize("preset", ["cws-mamba.toml", "cws-attention.toml"])
 def test_presets_build(preset):
-    cfg = build_run_config(tomllib.loads((CONFIGS / preset).read_text()), [])
+    cfg = build_run_config(load_toml(CONFIGS / preset), [])
     assert (cfg.model_name, cfg.data_name) == ("cws", "bind_recall")
     model = build_model(dataclasses.replace(cfg.model, vocab_size=VOCAB))
     assert set(model.pool.experts) == set(cfg.model.experts)
