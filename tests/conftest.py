@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -10,3 +11,12 @@ def tiny_sort_overrides():
         "train.eval_every=6", "train.save_every=6", "train.eval_batches=1", "train.log_every=1",
         "train.warmup_steps=2", "train.progress=false",
     ]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: thread start-up costs more than it saves, far more on a busy host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: thread start-up costs more than it saves, far more on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> CWSConfig:

@@ -7,13 +7,7 @@ import torch.nn.functional as F
 from parallax.ops.ssm_scan import selective_scan, selective_scan_chunked, selective_scan_ref
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, far more on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_inputs(batch=2, length=23, channels=5, n_state=4, dtype=torch.float32, seed=0):

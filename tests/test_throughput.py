@@ -20,13 +20,7 @@ TINY = ThroughputConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds contention (seconds per step on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def counted_flops(model, ids, backward: bool) -> int:
