@@ -2,8 +2,9 @@
 
 The expert pool is configuration: ``experts`` names the experts and ``slots`` gives how many
 slots (proposals per token) each contributes, so a Mamba-only or attention-only pool is one
-line. ``k_max``, ``k_min``, ``halting``, ``halt_rule`` and ``halt_tol`` are read at every
-forward call, so evaluation may change them on a built model (compute-quality curves).
+line. ``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``loop`` and
+``compile_step`` are read at every forward call, so evaluation may change them on a built
+model (compute-quality curves).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from parallax.config import ModelConfig
 EXPERT_NAMES = ("ssm", "attention", "mlp", "siren")
 PROBE_KEY_SOURCES = ("ssm", "shift", "tokens")
 HALT_RULES = ("first", "second")
+LOOPS = ("compact", "reference")
 MAX_DECODER_WINDOW = 16
 
 
@@ -49,6 +51,11 @@ class CWSConfig(ModelConfig):
     halt_tol: float = 0.05
     halt_in_training: bool = False
     live_steps: int = 1
+    # how the no-grad halting loop runs (settle.py): "compact" iterates only the tokens still
+    # active, so halting saves work; "reference" iterates all and masks the halted (the plain
+    # twin it is tested against). Results agree to float rounding.
+    loop: str = "compact"
+    compile_step: bool = False  # torch.compile the full-size no-grad workspace iterations
     # motor decoder
     decoder_window: int = 16
     decoder_heads: int = 4
@@ -97,6 +104,8 @@ class CWSConfig(ModelConfig):
             )
         if self.halt_rule not in HALT_RULES:
             raise ValueError(f"halt_rule must be one of {', '.join(HALT_RULES)}, got {self.halt_rule!r}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
         if self.halt_tol <= 0:
             raise ValueError(f"halt_tol must be > 0, got {self.halt_tol}")
         if not 1 <= self.decoder_window <= MAX_DECODER_WINDOW:

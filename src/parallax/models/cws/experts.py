@@ -98,13 +98,36 @@ class AttentionProbe(nn.Module):
             k, v = cache.append(k, v)
         return k, v
 
-    def forward(self, h_eff: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        b, t, _ = h_eff.shape
+    def forward(
+        self,
+        h_eff: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        rows: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Slots (B, T, S, d) for h_eff (B, T, d); or, for a subset of the tokens, (1, N, S, d)
+        for h_eff (1, N, d) at flat indices ``rows`` (N,) of the (B, T) grid ``grid``.
+
+        A subset is scattered back onto the grid (zero queries elsewhere) and attends densely:
+        keys and values are per sequence and the probe's share of an iteration's work is small
+        (about L*S*dh per token against the workspace's S*d^2), so only the projections, which
+        dominate, run on the subset. Each query's output depends on that query alone, so the
+        subset's slots equal the full grid's.
+        """
+        if rows is None:
+            b, t, _ = h_eff.shape
+            q = self.wq(h_eff)
+        else:
+            (b, t), q_rows = grid, self.wq(h_eff[0])
+            q = q_rows.new_zeros(b * t, q_rows.shape[1]).index_copy(0, rows, q_rows)
         length = keys.shape[2]
-        q = self.wq(h_eff).view(b, t, self.slots, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.slots, self.head_dim).transpose(1, 2)
         q = self.rope(q, length - t)
         mask = attention_mask(t, length, None, h_eff.device)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1)
+        if rows is not None:
+            y = y.transpose(1, 2).flatten(0, 1)[rows].transpose(0, 1).unsqueeze(0)  # (1, S, N, dh)
         return torch.einsum("bstk,skd->btsd", y, self.wo)
 
 

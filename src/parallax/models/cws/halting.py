@@ -17,8 +17,14 @@ Default ``first``: it is the seed's own criterion (halt when ``||raw_k - raw_{k-
 saturates), it can fire from iteration 2, and an independent reading of the seed found the
 second-order rule at a 5% tolerance never settled. Both stay available for measurement.
 
-A token halts only within [k_min, k_max]; halted tokens are frozen by the caller with
-``active`` as a mask, so every tensor keeps its shape.
+A token halts only within [k_min, k_max]; halted tokens are frozen by the caller, with
+``active`` as a mask (reference loop) or by leaving the working set (compact loop).
+
+State is kept over the flattened (B*T) token axis so ``observe`` can be given the raw logits
+of only some tokens (``rows``, flat indices): the compact loop observes just the tokens it
+still runs. Tokens outside ``rows`` must already have halted; for them ``observe`` would
+change nothing anyway. Nothing here reads a value back to the host: ``active`` stays on the
+device and the caller decides when to look at it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,17 @@ import torch
 from torch import Tensor
 
 HALT_CONFIRMATIONS = 2  # consecutive quiet steps the second-order rule needs
+
+
+def _rows(x: Tensor, rows: Tensor | None) -> Tensor:
+    return x if rows is None else x[rows]
+
+
+def _write(x: Tensor, rows: Tensor | None, value: Tensor) -> None:
+    if rows is None:
+        x.copy_(value)
+    else:
+        x.index_copy_(0, rows, value)
 
 
 class HaltMonitor:
@@ -41,43 +58,59 @@ class HaltMonitor:
         enabled: bool, device,
     ):
         self.k_min, self.rule, self.tol, self.enabled = k_min, rule, tol, enabled
-        self.active = torch.ones(batch, length, dtype=torch.bool, device=device)
-        self.k_used = torch.zeros(batch, length, device=device)
-        self.trace = torch.full((batch, length, k_max), float("nan"), device=device)
+        self.shape = (batch, length)
+        n = batch * length
+        self.flat_active = torch.ones(n, dtype=torch.bool, device=device)  # replaced, never mutated
+        self._k_used = torch.zeros(n, device=device)
+        self._trace = torch.full((k_max, n), float("nan"), device=device)  # one row per iteration
         self._prev_raw: Tensor | None = None
-        self._prev_delta: Tensor | None = None
-        self._quiet = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self._prev_delta = torch.zeros(n, device=device)
+        self._quiet = torch.zeros(n, dtype=torch.long, device=device)
+
+    @property
+    def active(self) -> Tensor:
+        return self.flat_active.view(self.shape)
+
+    @property
+    def k_used(self) -> Tensor:
+        return self._k_used.view(self.shape)
+
+    @property
+    def trace(self) -> Tensor:
+        return self._trace.t().reshape(*self.shape, -1)
 
     @torch.no_grad()
-    def observe(self, k: int, raw: Tensor) -> None:
-        """Record iteration k (1-based) whose raw logits are raw (B, T, H, S); update ``active``."""
-        running = self.active
-        raw = raw.detach().flatten(2).float()
-        self.k_used = torch.where(running, float(k), self.k_used)
-        if self._prev_raw is None:
-            self._prev_raw = raw
+    def observe(self, k: int, raw: Tensor, rows: Tensor | None = None) -> None:
+        """Record iteration k (1-based) of the tokens ``rows`` (flat indices; None = all) whose
+        raw logits are raw (..., H, S) with one entry per token in ``rows``; update ``active``."""
+        raw = raw.detach().reshape(-1, raw.shape[-2] * raw.shape[-1]).float()
+        running = _rows(self.flat_active, rows)
+        _write(self._k_used, rows, torch.where(running, float(k), _rows(self._k_used, rows)))
+        if self._prev_raw is None:  # k = 1: every token runs, nothing to compare with yet
+            self._prev_raw = raw.new_zeros(self.flat_active.shape[0], raw.shape[1])
+            _write(self._prev_raw, rows, raw)
             return
-        change = (raw - self._prev_raw).norm(dim=-1)
-        scale = torch.maximum(raw.norm(dim=-1), self._prev_raw.norm(dim=-1)).clamp_min(1e-6)
+        prev_raw = _rows(self._prev_raw, rows)
+        change = (raw - prev_raw).norm(dim=-1)
+        scale = torch.maximum(raw.norm(dim=-1), prev_raw.norm(dim=-1)).clamp_min(1e-6)
         delta = change / scale
-        self.trace[:, :, k - 1] = torch.where(running, delta, self.trace[:, :, k - 1])
+        _write(self._trace[k - 1], rows, torch.where(running, delta, _rows(self._trace[k - 1], rows)))
         if self.rule == "first":
             settled = delta < self.tol
         else:
-            quiet = (
-                (delta - self._prev_delta).abs() < self.tol
-                if self._prev_delta is not None
-                else torch.zeros_like(running)
-            )
-            self._quiet = torch.where(running, torch.where(quiet, self._quiet + 1, 0), self._quiet)
-            settled = self._quiet >= HALT_CONFIRMATIONS
-        self._prev_raw = torch.where(running[..., None], raw, self._prev_raw)
-        if self._prev_delta is not None:
-            delta = torch.where(running, delta, self._prev_delta)
-        self._prev_delta = delta
+            prev_delta = _rows(self._prev_delta, rows)
+            quiet = (delta - prev_delta).abs() < self.tol if k > 2 else torch.zeros_like(running)
+            count = _rows(self._quiet, rows)
+            count = torch.where(running, torch.where(quiet, count + 1, 0), count)
+            _write(self._quiet, rows, count)
+            settled = count >= HALT_CONFIRMATIONS
+            _write(self._prev_delta, rows, torch.where(running, delta, prev_delta))
+        _write(self._prev_raw, rows, torch.where(running[:, None], raw, prev_raw))
         if self.enabled and k >= self.k_min:
-            self.active = running & ~settled
+            still = running & ~settled
+            self.flat_active = still if rows is None else self.flat_active.index_copy(0, rows, still)
 
     @property
     def all_halted(self) -> bool:
-        return not bool(self.active.any())
+        """Reads back to the host: a device sync, so callers ask only every few iterations."""
+        return not bool(self.flat_active.any())

@@ -6,8 +6,9 @@ Forward pass over input_ids (B, T):
 2. settle the workspace for every position (``settle``), halting per token;
 3. the motor decoder reads the settled states; the LM head is tied to the embedding.
 
-``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol`` and ``live_steps`` are read
-from ``self.config`` at each call, so a built model can be evaluated at several K.
+``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``live_steps``, ``loop`` and
+``compile_step`` are read from ``self.config`` at each call, so a built model can be evaluated
+at several K.
 Diagnostics: ``k_used`` (B, T) and ``settle_trace`` (B, T, k_max), see ``halting``.
 """
 
@@ -83,6 +84,8 @@ class CWS(nn.Module):
             rule=cfg.halt_rule,
             tol=cfg.halt_tol,
             live_steps=cfg.live_steps if torch.is_grad_enabled() else 0,
+            loop=cfg.loop,
+            compile_step=cfg.compile_step,
         )
         logits = self.lm_head(self.decoder(settled.h, cache.decoder if cache is not None else None))
         if cache is not None:

@@ -26,12 +26,33 @@ class TokenContext:
     the pool has an SSM); ``fixed`` holds token-clocked proposals (B, T, S, d) by expert name;
     ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T;
     ``grounding`` (B, T, d) what the h-clocked experts add to h_eff (``CWSConfig.ground``).
+
+    ``select`` gives the context of a subset of the tokens (the compact loop's working set):
+    per-token tensors become (1, N, ...) rows, ``rows`` (N,) holds their flat indices into
+    the (B, T) grid of ``grid``, and ``probe_kv`` stays per sequence.
     """
 
     observation: Tensor
     grounding: Tensor | None = None
     fixed: dict[str, Tensor] = field(default_factory=dict)
     probe_kv: tuple[Tensor, Tensor] | None = None
+    rows: Tensor | None = None
+    grid: tuple[int, int] | None = None
+
+    def select(self, rows: Tensor) -> "TokenContext":
+        """The context of the tokens at flat indices ``rows`` (N,) of this full context."""
+
+        def pick(x: Tensor) -> Tensor:
+            return x.flatten(0, 1)[rows].unsqueeze(0)
+
+        return TokenContext(
+            observation=pick(self.observation),
+            grounding=None if self.grounding is None else pick(self.grounding),
+            fixed={name: pick(x) for name, x in self.fixed.items()},
+            probe_kv=self.probe_kv,
+            rows=rows,
+            grid=tuple(self.observation.shape[:2]),
+        )
 
 
 @dataclass
@@ -118,7 +139,8 @@ class ExpertPool(nn.Module):
         return context
 
     def forward(self, h_eff: Tensor, context: TokenContext) -> Tensor:
-        """Every expert's slots for state h_eff (B, T, d): (B, T, S_total, d)."""
+        """Every expert's slots for state h_eff (B, T, d), or (1, N, d) for the tokens of a
+        ``TokenContext.select``: (B, T, S_total, d) or (1, N, S_total, d)."""
         if context.grounding is not None:
             h_eff = h_eff + context.grounding
         proposals = []
@@ -126,7 +148,7 @@ class ExpertPool(nn.Module):
             if name in context.fixed:
                 proposals.append(context.fixed[name])
             elif name == "attention":
-                proposals.append(expert(h_eff, *context.probe_kv))
+                proposals.append(expert(h_eff, *context.probe_kv, context.rows, context.grid))
             else:
                 proposals.append(expert(h_eff))
         return torch.cat(proposals, dim=2)

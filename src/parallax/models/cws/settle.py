@@ -1,7 +1,7 @@
 """The K-iteration settling loop and the training contract around it.
 
-Without gradient (evaluation, generation) the loop simply runs up to ``k_max`` iterations,
-stopping early once every token has halted. With gradient:
+Without gradient (evaluation, generation) the loop runs up to ``k_max`` iterations, stopping
+early once every token has halted. With gradient:
 
 * halting off: iterations 1 .. K - live_steps run under ``torch.no_grad``, the last
   ``live_steps`` with gradient. Autograd keeps only what the live steps save, so memory
@@ -15,6 +15,11 @@ stopping early once every token has halted. With gradient:
 
 Token-clocked expert outputs are computed before the loop with gradient, so they receive
 gradient through the live steps like the h-clocked experts do.
+
+Two implementations of the no-grad halting loop (``CWSConfig.loop``): ``reference`` runs every
+token until all have halted and freezes halted ones with masks (simple; halting saves no
+work); ``compact`` (``compact.py``) runs only the tokens still active. They agree to float
+rounding. ``compile_step`` runs the full-size no-grad iterations through ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from parallax.models.cws.compact import settle_compact
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
-from parallax.models.cws.workspace import Workspace
+from parallax.models.cws.workspace import Workspace, compiled_step
+
+# The reference loop asks whether every token has halted (a device-to-host read) only every
+# this many iterations; the iterations it runs past the last halt are masked no-ops.
+HALT_CHECK_EVERY = 4
 
 
 @dataclass
@@ -47,6 +57,8 @@ def settle(
     rule: str,
     tol: float,
     live_steps: int,
+    loop: str = "compact",
+    compile_step: bool = False,
 ) -> Settled:
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
@@ -54,60 +66,76 @@ def settle(
     monitor = HaltMonitor(
         b, t, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol, enabled=halting, device=h.device
     )
-
-    def iterate(k: int, h: Tensor, cum: Tensor) -> tuple[Tensor, Tensor]:
-        running = monitor.active
-        h_next, cum_next, raw = workspace.step(h, cum, pool, context)
-        monitor.observe(k, raw)
-        if not halting:
-            return h_next, cum_next
-        return (
-            torch.where(running[..., None], h_next, h),
-            torch.where(running[..., None, None], cum_next, cum),
-        )
-
+    no_grad_step = compiled_step(workspace) if compile_step else workspace.step
     live = min(live_steps, k_max)
+    compact = loop == "compact" and halting
     if live == 0:
-        for k in range(1, k_max + 1):
-            h, cum = iterate(k, h, cum)
-            if halting and monitor.all_halted:
-                break
+        if compact:
+            h, _, _ = settle_compact(workspace, no_grad_step, pool, context, monitor, h, cum, k_max=k_max)
+        else:
+            with torch.no_grad():
+                h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max, halting)
     elif not halting:
         with torch.no_grad():
             for k in range(1, k_max - live + 1):
-                h, cum = iterate(k, h, cum)
+                h, cum, raw = no_grad_step(h, cum, pool, context)
+                monitor.observe(k, raw)
         for k in range(k_max - live + 1, k_max + 1):
-            h, cum = iterate(k, h, cum)
+            h, cum, raw = workspace.step(h, cum, pool, context)
+            monitor.observe(k, raw)
     else:
-        h = _replay_last_iterations(workspace, pool, context, monitor, iterate, h, cum, k_max, live)
+        if compact:
+            _, _, ring = settle_compact(
+                workspace, no_grad_step, pool, context, monitor, h, cum, k_max=k_max, history=live
+            )
+        else:
+            with torch.no_grad():
+                ring = _reference_ring_loop(no_grad_step, pool, context, monitor, h, cum, k_max, live)
+        h = _replay(workspace, pool, context, monitor, *ring[0], live)
     return Settled(h=h, k_used=monitor.k_used, trace=monitor.trace)
 
 
-def _replay_last_iterations(
-    workspace: Workspace,
-    pool: ExpertPool,
-    context: TokenContext,
-    monitor: HaltMonitor,
-    iterate,
-    h: Tensor,
-    cum: Tensor,
-    k_max: int,
-    live: int,
-) -> Tensor:
-    """Halting loop without gradient, then each token's last ``live`` iterations with it."""
-    with torch.no_grad():
-        ring = [(h, cum)] * live  # ring[i]: state before the token's (live - i)-th last iteration
-        for k in range(1, k_max + 1):
-            running = monitor.active
-            kept_h, kept_c = running[..., None], running[..., None, None]
-            ring = [
-                (torch.where(kept_h, new[0], old[0]), torch.where(kept_c, new[1], old[1]))
-                for old, new in zip(ring, ring[1:] + [(h, cum)])
-            ]
-            h, cum = iterate(k, h, cum)
-            if monitor.all_halted:
-                break
-    h, cum = ring[0]
+def _reference_loop(step, pool, context, monitor, h, cum, k_max, halting):
+    """Every token, every iteration until all have halted; halted tokens frozen by masks."""
+    for k in range(1, k_max + 1):
+        running = monitor.active
+        h_next, cum_next, raw = step(h, cum, pool, context)
+        monitor.observe(k, raw)
+        if not halting:
+            h, cum = h_next, cum_next
+            continue
+        h = torch.where(running[..., None], h_next, h)
+        cum = torch.where(running[..., None, None], cum_next, cum)
+        if k % HALT_CHECK_EVERY == 0 and monitor.all_halted:
+            break
+    return h, cum
+
+
+def _reference_ring_loop(step, pool, context, monitor, h, cum, k_max, live):
+    """The halting loop keeping, per token, the last ``live`` states before each iteration.
+
+    ring[i] is the state before the token's (live - i)-th last iteration (h_0 while it has
+    run fewer iterations than that).
+    """
+    ring = [(h, cum)] * live
+    for k in range(1, k_max + 1):
+        running = monitor.active
+        kept_h, kept_c = running[..., None], running[..., None, None]
+        ring = [
+            (torch.where(kept_h, new[0], old[0]), torch.where(kept_c, new[1], old[1]))
+            for old, new in zip(ring, ring[1:] + [(h, cum)])
+        ]
+        h_next, cum_next, raw = step(h, cum, pool, context)
+        monitor.observe(k, raw)
+        h = torch.where(kept_h, h_next, h)
+        cum = torch.where(kept_c, cum_next, cum)
+        if k % HALT_CHECK_EVERY == 0 and monitor.all_halted:
+            break
+    return ring
+
+
+def _replay(workspace, pool, context, monitor, h, cum, live):
+    """Each token's last ``live`` iterations from ``ring[0]``, with gradient."""
     for j in range(live):
         replaying = j >= live - monitor.k_used  # tokens that ran fewer than `live` iterations wait
         h_next, cum_next, _ = workspace.step(h, cum, pool, context)

@@ -25,6 +25,7 @@ iteration is a perturbation of rest rather than a jump from 0.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -67,3 +68,23 @@ class Workspace(nn.Module):
         weights = torch.log1p(F.silu(cum)) / math.log(self.base)
         read = torch.einsum("bths,btshd->bthd", weights, v).reshape(b, t, -1)
         return self.o_proj(read), cum, raw
+
+
+
+@functools.cache
+def _compiled_workspace_step():
+    return torch.compile(Workspace.step)
+
+
+def compiled_step(workspace: Workspace):
+    """``workspace.step`` through ``torch.compile`` (inductor, default mode), for the full-size
+    no-grad iterations, whose shapes do not change within a call.
+
+    The unbound ``Workspace.step`` is compiled once per process: modules are inlined, so every
+    workspace of the same structure reuses its graphs, and no compiled function is stored on
+    a module (a deep-copied model would otherwise run the original's weights). No CUDA graphs
+    (``reduce-overhead``) yet: the loop feeds each output to the next replay, which overwrites
+    it, and that has not been checked on a GPU.
+    """
+    step = _compiled_workspace_step()
+    return lambda h, cum, pool, context: step(workspace, h, cum, pool, context)

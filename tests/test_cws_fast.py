@@ -1,0 +1,162 @@
+"""The CWS fast paths against their plain twins: the compact halting loop against the
+reference loop, and the compiled workspace step against the eager one."""
+
+import math
+
+import pytest
+import torch
+
+from parallax.models import build_model
+from parallax.models.cws import CWSConfig
+from parallax.models.cws.compact import RECOMPACT_BELOW
+from parallax.models.cws.pool import TokenContext
+from parallax.models.cws.settle import settle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 24
+POOLS = {
+    "default": {},
+    "grounded-shift": dict(ground=True, probe_keys="shift"),
+    "attention-mlp": dict(experts=("attention", "mlp"), slots=(2, 1), probe_keys="tokens"),
+}
+
+
+def tiny_model(seed=0, **overrides):
+    base = dict(
+        vocab_size=VOCAB, d_model=16, n_heads=2, decoder_heads=2, probe_head_dim=8, mlp_hidden=16,
+        siren_hidden=16, ssm_state=4, ssm_chunk=4, k_max=12, decoder_window=4,
+    )
+    base.update(overrides)
+    torch.manual_seed(seed)
+    return build_model(CWSConfig(**base))
+
+
+def tokens(batch=3, length=16, seed=0):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def settle_with(model, ids, loop, **knobs):
+    with torch.no_grad():
+        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        args = dict(k_max=12, k_min=1, halting=True, rule="first", tol=0.3, live_steps=0)
+        args.update(knobs)
+        return settle(model.workspace, model.pool, context, loop=loop, **args)
+
+
+@pytest.fixture
+def selects(monkeypatch):
+    """Counts how often the compact loop shrank its working set."""
+    calls = []
+    original = TokenContext.select
+
+    def counting(self, rows):
+        calls.append(rows.numel())
+        return original(self, rows)
+
+    monkeypatch.setattr(TokenContext, "select", counting)
+    return calls
+
+
+def assert_same_settling(fast, ref):
+    assert torch.equal(fast.k_used, ref.k_used)
+    torch.testing.assert_close(fast.h, ref.h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.trace, ref.trace, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("rule, tol", [("first", 0.1), ("first", 0.3), ("first", 0.6), ("second", 0.1), ("second", 0.3)])
+def test_compact_loop_equals_reference(pool, rule, tol, selects):
+    model = tiny_model(**POOLS[pool]).eval()
+    ids = tokens()
+    ref = settle_with(model, ids, "reference", rule=rule, tol=tol)
+    fast = settle_with(model, ids, "compact", rule=rule, tol=tol)
+    assert_same_settling(fast, ref)
+    # the working set shrinks iff the active share fell below the threshold before the end
+    last = (ref.k_used == ref.k_used.max()).float().mean().item()
+    assert bool(selects) == (last < RECOMPACT_BELOW)
+    assert selects == sorted(selects, reverse=True)
+
+
+def test_compact_loop_with_k_min_and_a_fully_halted_batch(selects):
+    model = tiny_model().eval()
+    ids = tokens()
+    for knobs in (dict(tol=1e9), dict(tol=1e9, k_min=5), dict(tol=0.6, k_min=4), dict(tol=1e-12)):
+        ref = settle_with(model, ids, "reference", **knobs)
+        fast = settle_with(model, ids, "compact", **knobs)
+        assert_same_settling(fast, ref)
+    assert (settle_with(model, ids, "compact", tol=1e9).k_used == 2).all()  # all halt at once
+
+
+def test_compact_loop_equals_reference_in_generation():
+    """Incremental decoding (one token per call, SSM and probe caches) through both loops."""
+    model = tiny_model(halt_tol=0.3).eval()
+    ids = tokens(batch=2, length=10)
+    outputs = {}
+    for loop in ("reference", "compact"):
+        model.config.loop = loop
+        cache = model.new_cache(2, 10)
+        with torch.no_grad():
+            steps = [model(ids[:, i : i + 1], cache=cache) for i in range(10)]
+        outputs[loop] = (
+            torch.cat([s.logits for s in steps], 1), torch.cat([s.diagnostics["k_used"] for s in steps], 1)
+        )
+    assert torch.equal(outputs["compact"][1], outputs["reference"][1])
+    assert len(outputs["compact"][1].unique()) > 2
+    torch.testing.assert_close(outputs["compact"][0], outputs["reference"][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("live_steps", [1, 3])
+def test_compact_loop_equals_reference_in_training_with_halting(live_steps, selects):
+    """halt_in_training: same loss, logits, K, trace and every parameter's gradient."""
+    ids = tokens()
+    results = {}
+    for loop in ("reference", "compact"):
+        model = tiny_model(
+            halting=True, halt_in_training=True, halt_tol=0.6, live_steps=live_steps, loop=loop
+        ).train()
+        out = model(ids, targets=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[loop] = out, grads
+    (fast, fast_grads), (ref, ref_grads) = results["compact"], results["reference"]
+    k_used = ref.diagnostics["k_used"]
+    assert len(k_used.unique()) > 2 and selects  # halting at several K; the set shrank
+    assert (k_used < live_steps).any() or live_steps == 1  # some tokens replay fewer steps
+    assert torch.equal(fast.diagnostics["k_used"], k_used)
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        fast.diagnostics["settle_trace"], ref.diagnostics["settle_trace"], rtol=1e-5, atol=1e-6, equal_nan=True
+    )
+    assert fast_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------- compiled workspace step
+
+
+@pytest.fixture(scope="module")
+def inductor():
+    """Skip unless inductor compiles and runs a trivial function here (needs a C++ compiler)."""
+    try:
+        f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+        x = torch.randn(8)
+        ok = torch.allclose(f(x), torch.sin(x) * 2 + 1)
+    except Exception as exc:  # a missing or broken compiler fails in many ways
+        pytest.skip(f"torch.compile (inductor) cannot compile on this machine: {exc!s:.200}")
+    if not ok:
+        pytest.skip("torch.compile (inductor) compiled a trivial function to a wrong result")
+
+
+def test_compiled_step_equals_eager_step(inductor):
+    """The fixed-K no-grad iterations through torch.compile: same states and traces."""
+    torch._dynamo.reset()
+    model = tiny_model(k_max=6).eval()
+    ids = tokens()
+    knobs = dict(k_max=6, halting=False, loop="reference")
+    eager = settle_with(model, ids, **knobs)
+    compiled = settle_with(model, ids, compile_step=True, **knobs)
+    assert_same_settling(compiled, eager)
+    assert not math.isnan(compiled.trace[..., 1:].sum().item())
