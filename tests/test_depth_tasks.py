@@ -1,6 +1,7 @@
 """Depth-dial tasks: answers recomputed independently from the token sequence; size ranges by split."""
 
 import pytest
+import torch
 
 from parallax.config import RunConfig
 from parallax.data import DATA
@@ -47,21 +48,69 @@ def rule_step(cells, rule):
     return [(rule >> (4 * cells[(i - 1) % w] + 2 * cells[i] + cells[(i + 1) % w])) & 1 for i in range(w)]
 
 
-def test_automaton_answers_are_the_evolved_cells():
-    cfg = AutomatonConfig(width=6, rule=30, max_size=2, ood_size=9)
+def read_cells(tokens, indexed):
+    """Bits of a row of cell tokens; indexed tokens must name cells 0..W-1 in order."""
+    if not indexed:
+        assert set(tokens) <= {FIRST_SYMBOL, FIRST_SYMBOL + 1}
+        return [t - FIRST_SYMBOL for t in tokens]
+    cells = [divmod(t - FIRST_SYMBOL, 2) for t in tokens]
+    assert [i for i, _ in cells] == list(range(len(tokens)))
+    return [bit for _, bit in cells]
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_automaton_answers_are_the_evolved_cells(indexed):
+    cfg = AutomatonConfig(width=6, rule=30, max_size=2, ood_size=9, indexed=indexed)
     source = Automaton(cfg)
     b = source.batch("test", 5, batch_generator(0, "test", 0))
     assert b.input_ids.shape == (5, source.seq_len)
+    assert int(b.input_ids.max()) < source.vocab_size
     for row in range(5):
         seq = full_sequence(b, row)
-        cells = [t - FIRST_SYMBOL for t in seq[1 : 1 + cfg.width]]
-        steps = seq[2 + cfg.width : 2 + cfg.width + cfg.ood_size].count(TICK)
+        assert seq[0] == BOS and seq[1 + cfg.ood_size] == SEP == seq[2 + cfg.ood_size + cfg.width]
+        steps = seq[1 : 1 + cfg.ood_size].count(TICK)
+        cells = read_cells(seq[2 + cfg.ood_size : 2 + cfg.ood_size + cfg.width], indexed)
         assert 3 <= steps <= 9
         for _ in range(steps):
             cells = rule_step(cells, cfg.rule)
         answer = b.targets[row][b.loss_mask[row]]
-        assert [t - FIRST_SYMBOL for t in answer.tolist()] == cells
+        assert read_cells(answer.tolist(), indexed) == cells
         assert (b.labels[row][b.loss_mask[row]] == steps).all()
+
+
+def test_rule_30_by_hand():
+    # rule 30: new = left XOR (centre OR right); 100 -> 1, 110 -> 0, 011 -> 1, 000 -> 0
+    assert rule_step([1, 0, 0, 0, 0], 30) == [1, 1, 0, 0, 1]  # one live cell grows to three
+    source = Automaton(AutomatonConfig(width=5, rule=30, max_size=1, ood_size=2, indexed=False))
+    b = source.batch("val", 64, batch_generator(3, "val", 0))
+    for row in range(64):
+        seq = full_sequence(b, row)
+        assert read_cells(b.targets[row][b.loss_mask[row]].tolist(), False) == rule_step(read_cells(seq[4:9], False), 30)
+
+
+@pytest.mark.parametrize("name", ["pointer_chase", "automaton"])
+def test_batches_are_a_function_of_the_generator_seed(name):
+    cfg = RunConfig.from_dict({"model": {"name": "transformer"}, "data": {"name": name, "size_decay": 0.5}})
+    source = DATA.get(name).builder(cfg.data)
+    for split in ("train", "val", "test"):
+        a, b = (source.batch(split, 8, batch_generator(5, split, 7)) for _ in range(2))
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("input_ids", "targets", "loss_mask", "labels"))
+    c = source.batch("train", 8, batch_generator(5, "train", 8))
+    assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_size_decay_weights_small_training_sizes_only():
+    def counts(split, decay):
+        source = PointerChase(PointerChaseConfig(nodes=9, queries=16, max_size=4, ood_size=8, size_decay=decay))
+        b = source.batch(split, 64, batch_generator(0, split, 0))
+        hops = b.labels[b.loss_mask]
+        return torch.bincount(hops, minlength=9)[1:].tolist()
+
+    train = counts("train", 0.5)  # expected shares 8:4:2:1 of 1024 queries
+    assert train[0] > train[1] > train[2] > train[3] > 0 and sum(train[4:]) == 0
+    assert abs(train[0] / 1024 - 8 / 15) < 0.05
+    assert counts("val", 0.5) == counts("val", 1.0)  # evaluation sizes stay uniform
+    assert counts("test", 0.5) == counts("test", 1.0)
 
 
 @pytest.mark.parametrize("name", ["pointer_chase", "automaton"])

@@ -17,14 +17,26 @@ out-of-distribution sizes (so ``parallax eval`` can score extrapolation from con
   previous-token head first, and small models sat on the chance plateau for 800+ steps); the
   start ``x`` sits just before the answer so the first lookup reads the current token.
 * ``automaton``: an elementary cellular automaton (``rule``, default 30: chaotic) on a ring of
-  ``width`` binary cells; ``BOS cells SEP TICK^n PAD.. SEP answer`` asks for the cells after n
+  ``width`` binary cells; ``BOS TICK^n PAD.. SEP cells SEP answer`` asks for the cells after n
   steps. Small state errors grow under chaotic dynamics, so a latent state that drifts from the
   true trajectory shows up as errors that grow with n. Keep ``width >= 7`` for rule 30: on
   rings of 6 cells or fewer most trajectories fall into the all-zero state within ~60 steps.
+  The step count comes first so that answer cell i sits a fixed ``width + 1`` tokens after input
+  cell i whatever ``ood_size`` is (with the ticks in between, a 64-tick pad put the answer ~75
+  tokens from its cells and a dim-64 model stayed at 0.50 per cell). With ``indexed`` (default)
+  cell i holding bit v is the token ``FIRST_SYMBOL + 2 i + v``, in the input and the answer, so a
+  cell's token says which cell it is and attention can gather a whole row by content; with
+  ``indexed = false`` the two tokens are plain bits.
+
+``size_decay`` (both tasks) weights the train split's sizes by ``size_decay**(n - 1)``: a static
+curriculum that keeps small sizes common while every size up to ``max_size`` is still trained.
+Validation and test sizes stay uniform. It needs no step counter (the trainer hands ``batch``
+only a generator), so batches stay a pure function of (seed, split, step) and resume exactly.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +57,20 @@ def size_range(split: str, max_size: int, ood_size: int, ood: bool) -> tuple[int
     return 1, max_size
 
 
+def draw_sizes(split: str, shape: tuple[int, ...], lo: int, hi: int, decay: float, generator: torch.Generator) -> Tensor:
+    """Sizes ``lo..hi`` for ``split``: uniform, except that ``train`` weights size n by ``decay**(n - lo)``.
+
+    ``decay < 1`` is a static curriculum: small sizes, whose circuit the larger ones reuse, are
+    common, and every size up to ``max_size`` is still trained. It depends only on ``generator``
+    (no step), so batches stay a pure function of (seed, split, step).
+    """
+    if split != "train" or decay == 1.0:
+        return torch.randint(lo, hi + 1, shape, generator=generator)
+    weights = torch.tensor([decay**i for i in range(hi - lo + 1)], dtype=torch.float64)
+    n = torch.multinomial(weights, math.prod(shape), replacement=True, generator=generator)
+    return (lo + n).reshape(shape)
+
+
 def unary(n: Tensor, width: int) -> Tensor:
     """(B,) sizes -> (B, width) ``TICK`` repeated n times, then ``PAD``."""
     return torch.where(torch.arange(width) < n.unsqueeze(1), TICK, PAD)
@@ -63,12 +89,15 @@ class PointerChaseConfig(DataConfig):
     max_size: int = 4  # largest in-distribution hop count
     ood_size: int = 8  # largest out-of-distribution hop count
     ood: bool = False
+    size_decay: float = 1.0  # train split: hop count k drawn with weight size_decay**(k-1); 1 = uniform
 
     def validate(self) -> None:
         if not 1 <= self.max_size < self.ood_size < self.nodes:
             raise ValueError("need 1 <= max_size < ood_size < nodes (hops stay inside one cycle)")
         if self.queries < 1:
             raise ValueError("queries must be >= 1")
+        if self.size_decay <= 0:
+            raise ValueError("size_decay must be > 0")
 
 
 def chase(f: Tensor, x: Tensor, hops: Tensor) -> Tensor:
@@ -97,7 +126,7 @@ class PointerChase(DataSource):
         pairs = self.first_pair + listed * m + f.gather(1, listed)
         lo, hi = size_range(split, cfg.max_size, cfg.ood_size, cfg.ood)
         x = torch.randint(0, m, (b, q), generator=generator)
-        hops = torch.randint(lo, hi + 1, (b, q), generator=generator)
+        hops = draw_sizes(split, (b, q), lo, hi, cfg.size_decay, generator)
         y = chase(f, x, hops)
         parts = [torch.full((b, 1), BOS), pairs]
         for i in range(q):
@@ -113,7 +142,8 @@ class PointerChase(DataSource):
 
     def fingerprint(self) -> str:
         c = self.cfg
-        return f"PointerChase(nodes={c.nodes}, queries={c.queries}, max_size={c.max_size}, ood_size={c.ood_size}, ood={c.ood})"
+        return (f"PointerChase(nodes={c.nodes}, queries={c.queries}, max_size={c.max_size}, ood_size={c.ood_size}, "
+                f"ood={c.ood}, size_decay={c.size_decay})")
 
 
 @dataclass
@@ -123,12 +153,16 @@ class AutomatonConfig(DataConfig):
     max_size: int = 2  # largest in-distribution number of steps
     ood_size: int = 64  # largest out-of-distribution number of steps (32x by default)
     ood: bool = False
+    indexed: bool = True  # one token per (cell, bit) instead of one per bit (see the module docstring)
+    size_decay: float = 1.0  # train split: step count n drawn with weight size_decay**(n-1); 1 = uniform
 
     def validate(self) -> None:
         if not 1 <= self.max_size < self.ood_size:
             raise ValueError("need 1 <= max_size < ood_size")
         if not 0 <= self.rule <= 255 or self.width < 3:
             raise ValueError("rule must be 0..255 and width >= 3")
+        if self.size_decay <= 0:
+            raise ValueError("size_decay must be > 0")
 
 
 def automaton_step(cells: Tensor, rule: int) -> Tensor:
@@ -142,7 +176,7 @@ def automaton_step(cells: Tensor, rule: int) -> Tensor:
 class Automaton(DataSource):
     def __init__(self, cfg: AutomatonConfig):
         self.cfg = cfg
-        self.vocab_size = FIRST_SYMBOL + 2
+        self.vocab_size = FIRST_SYMBOL + (2 * cfg.width if cfg.indexed else 2)
         self.seq_len = 2 * cfg.width + cfg.ood_size + 2  # BOS cells SEP ticks SEP answer, minus one
         self.label_names = ("prompt",) + tuple(f"steps={n}" for n in range(1, cfg.ood_size + 1))
 
@@ -150,20 +184,27 @@ class Automaton(DataSource):
         cfg, b, w = self.cfg, batch_size, self.cfg.width
         cells = torch.randint(0, 2, (b, w), generator=generator)
         lo, hi = size_range(split, cfg.max_size, cfg.ood_size, cfg.ood)
-        steps = torch.randint(lo, hi + 1, (b,), generator=generator)
+        steps = draw_sizes(split, (b,), lo, hi, cfg.size_decay, generator)
         state = cells
         for n in range(hi):
             state = torch.where((n < steps).unsqueeze(1), automaton_step(state, cfg.rule), state)
         sep = torch.full((b, 1), SEP)
-        seq = torch.cat([torch.full((b, 1), BOS), cells + FIRST_SYMBOL, sep, unary(steps, cfg.ood_size), sep, state + FIRST_SYMBOL], 1)
+        seq = torch.cat([torch.full((b, 1), BOS), unary(steps, cfg.ood_size), sep, self.tokens(cells), sep, self.tokens(state)], 1)
         answer = torch.zeros_like(seq, dtype=torch.bool)
         answer[:, -w:] = True
         return to_batch(seq, answer, steps.unsqueeze(1).expand_as(seq))
 
+    def tokens(self, cells: Tensor) -> Tensor:
+        """(B, W) bits -> (B, W) tokens: ``FIRST_SYMBOL + 2 i + bit`` for cell i when indexed."""
+        if not self.cfg.indexed:
+            return cells + FIRST_SYMBOL
+        return FIRST_SYMBOL + 2 * torch.arange(self.cfg.width) + cells
+
     def decode(self, ids: list[int]) -> str:
-        names = {PAD: "_", BOS: "<s>", SEP: "|", TICK: "+", FIRST_SYMBOL: ".", FIRST_SYMBOL + 1: "#"}
-        return "".join(names.get(i, "?") for i in ids)
+        names = {PAD: "_", BOS: "<s>", SEP: "|", TICK: "+"}
+        return "".join(names.get(i, ".#"[(i - FIRST_SYMBOL) % 2] if FIRST_SYMBOL <= i < self.vocab_size else "?") for i in ids)
 
     def fingerprint(self) -> str:
         c = self.cfg
-        return f"Automaton(width={c.width}, rule={c.rule}, max_size={c.max_size}, ood_size={c.ood_size}, ood={c.ood})"
+        return (f"Automaton(width={c.width}, rule={c.rule}, max_size={c.max_size}, ood_size={c.ood_size}, ood={c.ood}, "
+                f"indexed={c.indexed}, size_decay={c.size_decay})")
