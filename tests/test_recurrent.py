@@ -12,13 +12,7 @@ from parallax.models.recurrent import RecurrentConfig, RecurrentDepthTransformer
 SOURCE = CopyTask(SequenceTaskConfig(length=4, vocab=6))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation cost (and stall on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> RecurrentDepthTransformer:
