@@ -1,24 +1,34 @@
-"""Autoregressive sampling from any causal model, one token at a time.
+"""Autoregressive decoding of any causal model: batched, on the device, one engine.
+
+``decode_steps`` is the engine. The prompts (B, P) sit in a preallocated (B, P + N) buffer
+on the model's device; each step runs the model, samples one token per row on the device
+(greedy, or temperature / top-k / top-p with a seeded generator) and writes it to the
+buffer's next column. Nothing in the loop waits for the device: end of sequence is a
+device-side ``finished`` mask (a finished row keeps emitting ``pad_id``), and the loop only
+looks at it where its caller asks to (every ``check_every`` tokens in ``generate_batch``).
+Any per-token host synchronisation left is the model's own (e.g. CWS halting) or the
+caller's: streaming text must read each token, so it is a callback (``on_token``) or the
+batch-1 iterator ``generate``.
 
 A model with ``new_cache(batch, max_len)`` is run incrementally: the prompt once, then one
-token per step. Any other model is run on the whole sequence each step. Both paths see the
-same context, so greedy decoding gives the same tokens either way. Once the sequence is
-longer than the model's context (``max_seq_len`` or ``block_size`` of its config), the
-oldest tokens are dropped and the window is recomputed each step.
-
-Sampling happens on the model's device; the only host transfer per step is the one that
-hands the new token (and its K) to the caller, which streaming needs anyway.
+token per step through its cache (KV caches for transformer / swap / recurrent, token-clocked
+state plus decoder KV caches for cws). Any other model is run on the whole sequence each
+step. Both see the same context, so greedy decoding gives the same tokens either way. Once
+the sequence is longer than the model's context (``max_seq_len`` or ``block_size`` of its
+config), the oldest tokens are dropped and the window is recomputed each step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from parallax.errors import ParallaxError
+
+DEFAULT_CHECK_EVERY = 16  # generate_batch looks at the `finished` mask (one host sync) this often
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,27 @@ class SampledToken:
 
     id: int
     k: int | None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of ``generate_batch``, on the model's device.
+
+    ``ids`` (B, P + n): the prompts, then the n generated tokens (n <= max_new_tokens: fewer
+    when every row had stopped at a check); after a row's ``stop_id`` it holds ``pad_id``.
+    ``k`` (B, n): iterations per generated token when the model reports them (``k_used``).
+    ``finished`` (B,): the rows that produced ``stop_id``.
+    """
+
+    ids: Tensor
+    k: Tensor | None
+    finished: Tensor
+    prompt_len: int
+
+    @property
+    def new_ids(self) -> Tensor:
+        """The generated tokens (B, n)."""
+        return self.ids[:, self.prompt_len :]
 
 
 def context_length(model: torch.nn.Module) -> int | None:
@@ -54,19 +85,139 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> Tensor:
-    """Next token ids (B,) from last-position logits (B, V); argmax when temperature is 0."""
+    """Next token ids (B,) from last-position logits (B, V); argmax when temperature is 0.
+
+    A draw from softmax(logits / T) as argmax(p / E) with E ~ Exp(1) i.i.d. (the exponential
+    race, equivalent to ``multinomial``), which needs no host-side validation of ``p``.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def prompt_tensor(prompts: Tensor | Sequence[int] | Sequence[Sequence[int]], device) -> Tensor:
+    """Prompts as a (B, P) long tensor on ``device``: one list of ids is a batch of one; the
+    rows of a batch must be equally long (the models take no padding mask)."""
+    if isinstance(prompts, Tensor):
+        ids = prompts if prompts.dim() == 2 else prompts.reshape(1, -1)
+        return ids.to(device=device, dtype=torch.long)
+    rows = [list(prompts)] if not prompts or not isinstance(prompts[0], Sequence) else [list(r) for r in prompts]
+    if len({len(r) for r in rows}) > 1:
+        raise ParallaxError(
+            f"the prompts have different lengths ({', '.join(str(len(r)) for r in rows)}); "
+            "a batch needs prompts of one length"
+        )
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def check_request(
+    model: torch.nn.Module, prompt_len: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float
+) -> None:
+    """Clear errors for an empty prompt, one longer than the context, or bad sampling knobs."""
+    context = context_length(model)
+    if prompt_len == 0:
+        raise ParallaxError("the prompt is empty; give at least one token of text")
+    if context is not None and prompt_len > context:
+        raise ParallaxError(f"the prompt is {prompt_len} tokens long, more than the model's context of {context}")
+    if max_new_tokens < 0 or temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ParallaxError("max_new_tokens, temperature and top_k must be >= 0, and top_p in (0, 1]")
 
 
 @torch.no_grad()
-def _step(model: torch.nn.Module, ids: Tensor, cache) -> tuple[Tensor, Tensor | None]:
-    """Logits (1, V) at the last position of ``ids`` (1, t), and that position's K (1,)."""
-    out = model(ids, cache=cache) if cache is not None else model(ids)
-    k_used = out.diagnostics.get("k_used")
-    return out.logits[:, -1], (k_used[:, -1] if k_used is not None else None)
+def decode_steps(
+    model: torch.nn.Module,
+    ids: Tensor,
+    prompt_len: int,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator,
+    stop_id: int | None = None,
+    pad_id: int | None = None,
+) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
+    """The engine. ``ids`` (B, prompt_len + N) holds the prompts in its first ``prompt_len``
+    columns; step i writes the sampled tokens to column ``prompt_len + i`` and yields
+    (tokens (B,), k (B,) long or None, finished (B,) bool), all on the device.
+
+    A row that has produced ``stop_id`` is finished and emits ``pad_id`` (default
+    ``stop_id``) from then on. Nothing here reads a device value on the host.
+    """
+    batch, total = ids.shape
+    context = context_length(model)
+    cache = model.new_cache(batch, min(total, context or total)) if hasattr(model, "new_cache") else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    pad = stop_id if pad_id is None else pad_id
+    seen = 0  # columns of `ids` the cache holds
+    for t in range(prompt_len, total):  # t: tokens in the sequence before this step
+        if cache is not None and t <= (context or t):
+            out = model(ids[:, seen:t], cache=cache)
+            seen = t
+        else:  # past the context: drop the oldest tokens and recompute the window
+            cache = None
+            out = model(ids[:, max(0, t - context) if context else 0 : t])
+        token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+        if stop_id is not None:
+            token = token.masked_fill(finished, pad)
+            finished = finished | (token == stop_id)
+        ids[:, t] = token
+        k_used = out.diagnostics.get("k_used")
+        yield token, (k_used[:, -1].to(torch.long) if k_used is not None else None), finished
+
+
+def generate_batch(
+    model: torch.nn.Module,
+    prompts: Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int = 200,
+    *,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_id: int | None = None,
+    pad_id: int | None = None,
+    on_token: Callable[[int, Tensor, Tensor | None, Tensor], bool | None] | None = None,
+    check_every: int = DEFAULT_CHECK_EVERY,
+) -> Generation:
+    """Continue each row of ``prompts`` (B, P) by up to ``max_new_tokens`` tokens.
+
+    With ``stop_id``, decoding ends early once every row has produced it, which is looked at
+    every ``check_every`` tokens (one host sync each; 0 never looks). ``on_token(step,
+    tokens, k, finished)`` is called after each step with the device tensors of
+    ``decode_steps``; reading them is the caller's sync, and returning True ends decoding
+    (a streaming caller knows when its rows are done). The same seed gives the same tokens on
+    the same device.
+    """
+    device = next(model.parameters()).device
+    prompt = prompt_tensor(prompts, device)
+    check_request(model, prompt.shape[1], max_new_tokens, temperature, top_k, top_p)
+    batch, prompt_len = prompt.shape
+    ids = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
+    ids[:, :prompt_len] = prompt
+    k_out = None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    steps = decode_steps(model, ids, prompt_len, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator, stop_id=stop_id, pad_id=pad_id)
+    produced = 0
+    for step, (token, k, finished) in enumerate(steps):
+        produced = step + 1
+        if k is not None:
+            if k_out is None:
+                k_out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+            k_out[:, step] = k
+        if on_token is not None and on_token(step, token, k, finished):
+            break
+        if stop_id is not None and check_every > 0 and produced % check_every == 0 and bool(finished.all()):
+            break
+    return Generation(
+        ids=ids[:, : prompt_len + produced],
+        k=k_out[:, :produced] if k_out is not None else None,
+        finished=finished,
+        prompt_len=prompt_len,
+    )
 
 
 def generate(
@@ -80,23 +231,18 @@ def generate(
     seed: int = 0,
     stop_id: int | None = None,
 ) -> Iterator[SampledToken]:
-    """Yield up to ``max_new_tokens`` tokens continuing ``prompt`` (token ids), stopping
-    after ``stop_id`` if given. The same seed gives the same tokens on the same device."""
-    context = context_length(model)
-    if not prompt:
-        raise ParallaxError("the prompt is empty; give at least one token of text")
-    if context is not None and len(prompt) > context:
-        raise ParallaxError(f"the prompt is {len(prompt)} tokens long, more than the model's context of {context}")
-    if max_new_tokens < 0 or temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-        raise ParallaxError("max_new_tokens, temperature and top_k must be >= 0, and top_p in (0, 1]")
-    return _generate(model, prompt, max_new_tokens, context, temperature, top_k, top_p, seed, stop_id)
+    """Yield up to ``max_new_tokens`` tokens continuing one ``prompt`` (token ids), stopping
+    after ``stop_id`` if given: the streaming form of ``generate_batch`` at batch 1, which
+    reads each token on the host (one sync per token). The same seed gives the same tokens
+    as ``generate_batch`` on the same device."""
+    check_request(model, len(prompt), max_new_tokens, temperature, top_k, top_p)
+    return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
 
 
-def _generate(
+def _stream(
     model: torch.nn.Module,
     prompt: list[int],
     max_new_tokens: int,
-    context: int | None,
     temperature: float,
     top_k: int,
     top_p: float,
@@ -104,23 +250,13 @@ def _generate(
     stop_id: int | None,
 ) -> Iterator[SampledToken]:
     device = next(model.parameters()).device
+    ids = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=device)
+    ids[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, L)
-    cache = None
-    if hasattr(model, "new_cache"):
-        cache = model.new_cache(1, min(len(prompt) + max_new_tokens, context or len(prompt) + max_new_tokens))
-    fresh = ids  # the tokens the cache has not seen yet
-    for _ in range(max_new_tokens):
-        if cache is not None and ids.shape[1] <= (context or ids.shape[1]):
-            logits, k = _step(model, fresh, cache)
-        else:
-            cache = None
-            logits, k = _step(model, ids[:, -context:] if context else ids, None)
-        token = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
-        values = torch.stack([token, k.to(token.dtype)]) if k is not None else token[None]
-        host = values[:, 0].tolist()
+    steps = decode_steps(model, ids, len(prompt), temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator, stop_id=stop_id)
+    for token, k, _ in steps:
+        host = (torch.stack([token, k]) if k is not None else token[None])[:, 0].tolist()
         yield SampledToken(host[0], host[1] if k is not None else None)
         if host[0] == stop_id:
             return
-        fresh = token[:, None]
-        ids = torch.cat([ids, fresh], dim=1)

@@ -11,8 +11,8 @@ One run measures, on one device:
   no-grad ones too), peak allocated memory, and inference tokens/s at each generation batch.
 
 Inference is greedy decoding of ``gen_tokens`` new tokens after a random prompt: models with
-``new_cache`` run incrementally (one token per call through their KV caches / CWS state; the
-prompt's prefill is timed apart), the EAM, which is not causal, decodes all ``gen_tokens``
+``new_cache`` run incrementally through ``parallax.generation`` (one token per call through
+their KV caches / CWS state; the prompt's prefill is timed apart), the EAM, which is not causal, decodes all ``gen_tokens``
 answer positions at once by MaskGIT (``decode_steps`` passes of ``solver_steps`` block
 evaluations) after the same prompt. Inputs are random token ids. Timing: warm-up calls,
 then CUDA events around each timed call (host clock on CPU), median over the timed calls.
@@ -39,6 +39,7 @@ import torch
 from parallax.bench.flops import step_flops
 from parallax.config import ModelConfig, build_run_config
 from parallax.errors import ConfigError
+from parallax.generation import generate_batch
 
 DEFAULT_MODELS = ("transformer", "swap", "recurrent", "eam", "cws")
 MATMUL_SIZE = {"cuda": 8192, "cpu": 256}  # the CPU sizes only keep tests quick
@@ -212,16 +213,12 @@ def measure_training(
     return {"step_ms": statistics.median(times), "step_ms_all": times, "peak_memory_bytes": peak}
 
 
-@torch.no_grad()
 def _cached_generation(model, prompt: torch.Tensor, new_tokens: int, marks: Callable[[], None]) -> None:
-    """Greedy incremental decoding: the prompt once, then one token per call; this loop itself
-    never waits for the device (any per-token host sync is the model's own)."""
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
+    """Greedy incremental decoding by ``parallax.generation``: the prompt once (marked when its
+    token is sampled), then one token per call; the engine never waits for the device (any
+    per-token host sync is the model's own)."""
     marks()
-    token = model(prompt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
-    marks()
-    for _ in range(new_tokens - 1):
-        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+    generate_batch(model, prompt, new_tokens, temperature=0, on_token=lambda step, *_: marks() if step == 0 else None)
     marks()
 
 

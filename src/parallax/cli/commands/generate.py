@@ -56,9 +56,11 @@ def legend(k_min: int, k_max: int) -> str:
 
 
 def run(args) -> int:
+    import torch
+
     from parallax.checkpoint import load_run
     from parallax.errors import ParallaxError
-    from parallax.generation import generate
+    from parallax.generation import generate_batch
     from parallax.train.runtime import resolve_device
 
     loaded = load_run(args.run_dir, device=resolve_device(args.device))
@@ -68,38 +70,44 @@ def run(args) -> int:
             f"run {args.run_dir!r} was trained on data {loaded.config.data_name!r}, which has no tokenizer; "
             "generate needs a run trained on text"
         )
-    prompt = tokenizer.encode(args.prompt)
-    tokens = generate(
-        loaded.model,
-        prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_id=tokenizer.eot_id,
-    )
     cfg = loaded.model.config
     k_min = getattr(cfg, "k_min", 1)
     k_max = getattr(cfg, "k_max", FALLBACK_K_MAX)
     out = sys.stdout
     generated: list[int] = []
     shown = ""  # text of `generated` already printed
-    for i, token in enumerate(tokens):
-        if i == 0 and args.show_k and token.k is None:
+
+    def show(step: int, token, k, finished) -> bool:
+        """Print one streamed token (reading it is this command's per-token sync); True at the end of text."""
+        nonlocal shown
+        host = (torch.stack([token, k]) if k is not None else token[None])[:, 0].tolist()
+        token_id, token_k = host[0], (host[1] if k is not None else None)
+        if step == 0 and args.show_k and token_k is None:
             print(
                 f"note: the {loaded.config.model_name!r} model does not report per-token iterations "
                 "(k_used); --show-k has nothing to colour",
                 file=sys.stderr,
             )
-        if i == 0:
-            out.write((legend(k_min, k_max) + "\n" if args.show_k and token.k is not None else "") + args.prompt)
-        generated.append(token.id)
+        if step == 0:
+            out.write((legend(k_min, k_max) + "\n" if args.show_k and token_k is not None else "") + args.prompt)
+        generated.append(token_id)
         text = tokenizer.decode(generated)
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for its last byte
-            continue
-        piece, shown = text[len(shown) :], text
-        out.write(paint(piece, k_colour(token.k, k_min, k_max)) if args.show_k and token.k is not None else piece)
-        out.flush()
+        if not text.endswith("\ufffd"):  # else a character split across tokens: wait for its last byte
+            piece, shown = text[len(shown) :], text
+            out.write(paint(piece, k_colour(token_k, k_min, k_max)) if args.show_k and token_k is not None else piece)
+            out.flush()
+        return token_id == tokenizer.eot_id
+
+    generate_batch(
+        loaded.model,
+        tokenizer.encode(args.prompt),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_id=tokenizer.eot_id,
+        on_token=show,
+    )
     out.write("\n")
     return 0
