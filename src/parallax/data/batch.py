@@ -29,8 +29,8 @@ class DataSource:
     """A source of batches. Subclasses set ``vocab_size``, ``seq_len`` and ``label_names``.
 
     ``batch`` draws all its randomness from ``generator`` so the trainer controls determinism:
-    it seeds one generator per (seed, split, step, rank), which makes resumed and distributed
-    runs see exactly the data an uninterrupted single-process run would.
+    it seeds one generator per (seed, split, step), which makes a resumed run see exactly the
+    data an uninterrupted one would; several processes each keep their slice of that batch.
     """
 
     vocab_size: int
@@ -52,11 +52,11 @@ class DataSource:
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
-def batch_generator(seed: int, split: str, step: int, rank: int = 0) -> torch.Generator:
-    """The generator for one batch: a pure function of (seed, split, step, rank).
+def batch_generator(seed: int, split: str, step: int) -> torch.Generator:
+    """The generator for one batch: a pure function of (seed, split, step).
 
-    Batches therefore never depend on how many came before, so resuming at step s, or
-    splitting a batch across ranks, reproduces exactly the data of an uninterrupted run.
+    Batches therefore never depend on how many came before, so resuming at step s
+    reproduces exactly the data of an uninterrupted run.
     """
-    mixed = (seed * 1_000_003 + _SPLITS[split] * 7_919 + rank * 104_729) * 2_147_483_647 + step
+    mixed = (seed * 1_000_003 + _SPLITS[split] * 7_919) * 2_147_483_647 + step
     return torch.Generator().manual_seed(mixed % (2**63 - 1))

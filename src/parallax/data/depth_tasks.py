@@ -28,7 +28,7 @@ out-of-distribution sizes (so ``parallax eval`` can score extrapolation from con
   cell's token says which cell it is and attention can gather a whole row by content; with
   ``indexed = false`` the two tokens are plain bits.
 
-``size_decay`` (both tasks) weights the train split's sizes by ``size_decay**(n - 1)``: a static
+``size_decay`` (both tasks) weights the train split's sizes by ``size_decay**(n - smallest)``: a static
 curriculum that keeps small sizes common while every size up to ``max_size`` is still trained.
 Validation and test sizes stay uniform. It needs no step counter (the trainer hands ``batch``
 only a generator), so batches stay a pure function of (seed, split, step) and resume exactly.
@@ -89,7 +89,7 @@ class PointerChaseConfig(DataConfig):
     max_size: int = 4  # largest in-distribution hop count
     ood_size: int = 8  # largest out-of-distribution hop count
     ood: bool = False
-    size_decay: float = 1.0  # train split: hop count k drawn with weight size_decay**(k-1); 1 = uniform
+    size_decay: float = 1.0  # train split: hop count k drawn with weight size_decay**(k - smallest); 1 = uniform
 
     def validate(self) -> None:
         if not 1 <= self.max_size < self.ood_size < self.nodes:
@@ -154,7 +154,7 @@ class AutomatonConfig(DataConfig):
     ood_size: int = 64  # largest out-of-distribution number of steps (32x by default)
     ood: bool = False
     indexed: bool = True  # one token per (cell, bit) instead of one per bit (see the module docstring)
-    size_decay: float = 1.0  # train split: step count n drawn with weight size_decay**(n-1); 1 = uniform
+    size_decay: float = 1.0  # train split: step count n drawn with weight size_decay**(n - smallest); 1 = uniform
 
     def validate(self) -> None:
         if not 1 <= self.max_size < self.ood_size:

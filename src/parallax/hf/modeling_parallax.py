@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +59,7 @@ def _load_bundle(name: str, sources: dict[str, str]):
         try:
             os.rename(tmp, root)
         except OSError:  # another process unpacked it first
+            shutil.rmtree(tmp, ignore_errors=True)
             if not root.is_dir():
                 raise
     spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])

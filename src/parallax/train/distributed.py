@@ -73,7 +73,8 @@ def launch(device: str, precision: str, parallel: str) -> Iterator[Runtime]:
     try:
         yield runtime
     except ParallaxError as exc:
-        raise type(exc)(f"rank {rank}: {exc}") from None
+        exc.args = (f"rank {rank}: {exc}",)
+        raise
     except BaseException as exc:
         print(f"parallax: rank {rank} of {world} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         raise
