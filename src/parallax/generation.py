@@ -239,6 +239,12 @@ def generate(
     return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
 
 
+
+def first_row(token: Tensor, k: Tensor | None) -> SampledToken:
+    """Row 0's token and K read to the host in one transfer (the per-token sync of streaming)."""
+    host = (torch.stack([token, k]) if k is not None else token[None])[:, 0].tolist()
+    return SampledToken(host[0], host[1] if k is not None else None)
+
 def _stream(
     model: torch.nn.Module,
     prompt: list[int],
@@ -256,7 +262,7 @@ def _stream(
     steps = decode_steps(model, ids, len(prompt), temperature=temperature, top_k=top_k, top_p=top_p,
                          generator=generator, stop_id=stop_id)
     for token, k, _ in steps:
-        host = (torch.stack([token, k]) if k is not None else token[None])[:, 0].tolist()
-        yield SampledToken(host[0], host[1] if k is not None else None)
-        if host[0] == stop_id:
+        sampled = first_row(token, k)
+        yield sampled
+        if sampled.id == stop_id:
             return

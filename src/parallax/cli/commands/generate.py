@@ -56,11 +56,10 @@ def legend(k_min: int, k_max: int) -> str:
 
 
 def run(args) -> int:
-    import torch
 
     from parallax.checkpoint import load_run
     from parallax.errors import ParallaxError
-    from parallax.generation import generate_batch
+    from parallax.generation import first_row, generate_batch
     from parallax.train.runtime import resolve_device
 
     loaded = load_run(args.run_dir, device=resolve_device(args.device))
@@ -80,8 +79,8 @@ def run(args) -> int:
     def show(step: int, token, k, finished) -> bool:
         """Print one streamed token (reading it is this command's per-token sync); True at the end of text."""
         nonlocal shown
-        host = (torch.stack([token, k]) if k is not None else token[None])[:, 0].tolist()
-        token_id, token_k = host[0], (host[1] if k is not None else None)
+        sampled = first_row(token, k)
+        token_id, token_k = sampled.id, sampled.k
         if step == 0 and args.show_k and token_k is None:
             print(
                 f"note: the {loaded.config.model_name!r} model does not report per-token iterations "
