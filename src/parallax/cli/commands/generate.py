@@ -56,7 +56,6 @@ def legend(k_min: int, k_max: int) -> str:
 
 
 def run(args) -> int:
-
     from parallax.checkpoint import load_run
     from parallax.errors import ParallaxError
     from parallax.generation import first_row, generate_batch
