@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--variant", action="append", required=True, help="comma-separated SECTION.KEY=VALUE, e.g. model.k_max=24,train.lr=1e-3")
+    p.add_argument("--variant", action="append", required=True, help="comma-separated SECTION.KEY=VALUE, e.g. model.k_max=24,model.slots=[2,2,1]")
     p.add_argument("--set", nargs="*", default=[], help="overrides for every variant (section.key=value)")
     p.add_argument("--tolerances", type=float, nargs="*", default=[0.01, 0.02, 0.05, 0.1, 0.2])
     p.add_argument("--eval-batches", type=int, default=8)
@@ -66,7 +67,7 @@ def main() -> None:
     out_json = args.out / "cws_bind_recall.json"
     args.out.mkdir(parents=True, exist_ok=True)
     for i, variant in enumerate(args.variant):
-        items = [item for item in variant.split(",") if item]
+        items = [item for item in re.split(r",(?![^\[]*\])", variant) if item]  # commas in [..] stay
         names = [item.split("=", 1)[1] for item in items if item.startswith("model.name=")]
         model = {"name": names[-1] if names else "cws"}
         if model["name"] == "cws":

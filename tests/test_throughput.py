@@ -82,3 +82,20 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert main(["bench", "throughput", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_halting_bench_times_every_loop_at_the_same_mean_k(tmp_path, capsys):
+    path = tmp_path / "halting.json"
+    argv = ["bench", "halting", "--dim", "32", "--seq", "16", "--batch", "2", "--vocab", "64", "--warmup", "0",
+            "--steps", "1", "--tolerances", "0.1", "1.0", "--no-compile", "--device", "cpu", "--json", str(path)]
+    assert main(argv) == 0
+    rows = json.loads(path.read_text())["rows"]
+    off, *halting = rows
+    assert (off["halting"], off["mean_k"], off["time_vs_off"]) == (False, 24.0, 1.0)
+    assert [(r["tol"], r["loop"]) for r in halting] == [
+        (0.1, "reference"), (0.1, "compact"), (1.0, "reference"), (1.0, "compact")]
+    for reference, compact in zip(halting[::2], halting[1::2]):
+        assert reference["mean_k"] == pytest.approx(compact["mean_k"])  # same halting decisions
+        assert compact["bound"] == pytest.approx(compact["m"] + 0.15)
+    assert halting[-1]["mean_k"] < halting[0]["mean_k"] <= 24  # a looser tolerance halts sooner
+    assert "m+0.15" in capsys.readouterr().out

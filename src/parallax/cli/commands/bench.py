@@ -6,11 +6,14 @@
   throughput  every model at matched sizes: training tokens/s, achieved TFLOP/s (every
               iteration counted, the no-grad ones too) as a fraction of the device's measured
               matmul ceiling, peak memory, inference tokens/s; the device ceilings first.
+  halting     the CWS's no-grad settling loop with halting off and on (reference and compact
+              loops, several tolerances): time against the mean K / k_max it reached.
 
 Examples:
   parallax bench memory --model cws --k 8 24 48 --device cuda --json memory.json
   parallax bench throughput --json throughput.json
   parallax bench throughput --models transformer cws --dim 256 --set cws.k_max=48
+  parallax bench halting --json halting.json
 """
 
 from __future__ import annotations
@@ -57,6 +60,23 @@ def add_arguments(parser) -> None:
                     help="change a matched config, e.g. --set cws.k_max=48 (repeatable)")
     tp.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON (after every model)")
     tp.set_defaults(action_handler=run_throughput)
+
+    from parallax.bench.halting import DEFAULT_TOLERANCES
+
+    hp = actions.add_parser("halting", help="CWS no-grad loop time with halting off and on")
+    for flag, default, what in (("--dim", d.dim, "model width"), ("--seq", d.seq, "sequence length"),
+                                ("--batch", d.batch, "batch size"), ("--vocab", d.vocab, "vocabulary size"),
+                                ("--warmup", d.warmup, "untimed calls first"),
+                                ("--steps", d.steps, "timed calls (median reported)")):
+        hp.add_argument(flag, type=int, default=default, help=what)
+    hp.add_argument("--tolerances", type=float, nargs="+", default=list(DEFAULT_TOLERANCES), help="halt_tol values")
+    hp.add_argument("--no-compile", action="store_true", help="skip the compiled (compile_step) halting-off row")
+    hp.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"])
+    hp.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    hp.add_argument("--set", dest="overrides", action="append", default=[], metavar="cws.KEY=VALUE",
+                    help="change the matched CWS config, e.g. --set cws.k_max=48 (repeatable)")
+    hp.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+    hp.set_defaults(action_handler=run_halting)
 
 
 def run(args) -> int:
@@ -109,3 +129,20 @@ def run_throughput(args) -> int:
     report = measure(tc, args.json)
     print(format_table(report))
     return 1 if any("error" in row for row in report["rows"]) else 0
+
+
+def run_halting(args) -> int:
+    from parallax.bench.halting import format_halting
+    from parallax.bench.halting import run_halting as measure
+    from parallax.bench.throughput import ThroughputConfig
+
+    tc = ThroughputConfig(
+        models=("cws",), dim=args.dim, seq=args.seq, batch=args.batch, vocab=args.vocab, warmup=args.warmup,
+        steps=args.steps, precision=args.precision, device=args.device, overrides=tuple(args.overrides),
+        prompt=1, gen_tokens=1,  # no generation here
+    )
+    report = measure(tc, tuple(args.tolerances), compile_step=not args.no_compile)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(format_halting(report))
+    return 0

@@ -1,0 +1,87 @@
+"""Does halting save time? The CWS's no-grad settling loop with halting off and on.
+
+Issue-level claim: with per-token halting and mean K / k_max = m, the no-grad phase should
+take at most about (m + 0.15) of its time with halting off. This measures exactly that
+phase (``settle`` with no gradient, as in evaluation and generation, and as the no-grad pass
+of ``halt_in_training``), after the token-clocked experts, which run once either way:
+
+* halting off: every token runs k_max iterations (eager, and with ``compile_step``);
+* halting on, at each tolerance: the ``reference`` loop (masks; halting skips no work) and
+  the ``compact`` loop (only the tokens still running), with the mean K it reached.
+
+The model is the throughput benchmark's matched CWS (d 512, k_max 24 by default) at its
+initial weights, on random tokens: how many iterations each token takes is whatever the
+tolerance gives, reported beside each time. Timing as ``parallax.bench.throughput``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+from parallax.bench.throughput import ThroughputConfig, _autocast, environment, matched_configs, resolve, time_calls
+from parallax.models.cws.settle import settle
+
+DEFAULT_TOLERANCES = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+def _settle_call(model, context, *, halting: bool, tol: float, loop: str, compile_step: bool):
+    cfg = model.config
+    return lambda: settle(
+        model.workspace, model.pool, context, k_max=cfg.k_max, k_min=cfg.k_min, halting=halting,
+        rule=cfg.halt_rule, tol=tol, live_steps=0, loop=loop, compile_step=compile_step,
+    )
+
+
+def run_halting(
+    tc: ThroughputConfig, tolerances=DEFAULT_TOLERANCES, compile_step: bool = True, log=print
+) -> dict[str, Any]:
+    """Rows of (halting, tol, loop, compile_step, ms, mean K, m, time vs halting off)."""
+    from parallax.models import build_model
+
+    tc.validate()
+    device, dtype = resolve(tc)
+    cfg = matched_configs(ThroughputConfig(**{**tc.__dict__, "models": ("cws",)}))["cws"]
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, tc.vocab, (tc.batch, tc.seq), device=device, generator=generator)
+    rows: list[dict[str, Any]] = []
+
+    def measure(**setting) -> dict[str, Any]:
+        call = _settle_call(model, context, **setting)
+        times = time_calls(call, device, tc.warmup, tc.steps)
+        mean_k = call().k_used.float().mean().item()
+        row = {**setting, "ms": statistics.median(times), "ms_all": times, "mean_k": mean_k,
+               "m": mean_k / cfg.k_max}
+        rows.append(row)
+        log(f"halting={setting['halting']!s:5} tol={setting['tol']:<5} loop={setting['loop']:9} "
+            f"compile_step={setting['compile_step']!s:5} {row['ms']:8.2f} ms  mean K {mean_k:5.2f}")
+        return row
+
+    with torch.no_grad(), _autocast(device, dtype):
+        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        off = measure(halting=False, tol=0.0, loop="reference", compile_step=False)
+        if compile_step:
+            measure(halting=False, tol=0.0, loop="reference", compile_step=True)
+        for tol in tolerances:
+            for loop in ("reference", "compact"):
+                measure(halting=True, tol=tol, loop=loop, compile_step=False)
+    for row in rows:
+        row["time_vs_off"] = row["ms"] / off["ms"]
+        row["bound"] = row["m"] + 0.15 if row["halting"] else None
+    return {"environment": environment(device, dtype), "config": {**tc.__dict__, "tolerances": list(tolerances)},
+            "k_max": cfg.k_max, "rows": rows}
+
+
+def format_halting(report: dict[str, Any]) -> str:
+    lines = [f"{report['environment']['device']}, k_max {report['k_max']}: no-grad settle time",
+             f"{'halting':>7} {'tol':>5} {'loop':>9} {'compiled':>8} {'ms':>9} {'mean K':>7} {'m':>6} "
+             f"{'vs off':>7} {'m+0.15':>7}"]
+    for r in report["rows"]:
+        bound = "-" if r["bound"] is None else f"{r['bound']:.3f}"
+        lines.append(f"{r['halting']!s:>7} {r['tol']:>5} {r['loop']:>9} {r['compile_step']!s:>8} {r['ms']:>9.2f} "
+                     f"{r['mean_k']:>7.2f} {r['m']:>6.3f} {r['time_vs_off']:>7.3f} {bound:>7}")
+    return "\n".join(lines)
