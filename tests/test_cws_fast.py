@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from parallax.models import build_model
 from parallax.models.cws import CWSConfig
-from parallax.models.cws.compact import RECOMPACT_BELOW
+from parallax.models.cws.compact import RECOMPACT_BELOW, LaggedCount
 from parallax.models.cws.pool import TokenContext
 from parallax.models.cws.settle import settle
 
@@ -58,6 +59,17 @@ def selects(monkeypatch):
     return calls
 
 
+def shrinks(k_used, k_max):
+    """Whether the compact loop shrinks its set, from the reference's K per token: the count
+    of active tokens after iteration k - 1 is read at the end of iteration k; the first
+    share below the threshold shrinks the set to the tokens active after iteration k, unless
+    that is none or k is the last iteration."""
+    active = [(k_used > j).sum().item() for j in range(k_max + 1)]  # after iteration j
+    n = k_used.numel()
+    first = next((k for k in range(2, k_max + 1) if active[k - 1] < RECOMPACT_BELOW * n), None)
+    return first is not None and first < k_max and active[first] > 0
+
+
 def assert_same_settling(fast, ref):
     assert torch.equal(fast.k_used, ref.k_used)
     torch.testing.assert_close(fast.h, ref.h, rtol=1e-5, atol=1e-6)
@@ -72,9 +84,7 @@ def test_compact_loop_equals_reference(pool, rule, tol, selects):
     ref = settle_with(model, ids, "reference", rule=rule, tol=tol)
     fast = settle_with(model, ids, "compact", rule=rule, tol=tol)
     assert_same_settling(fast, ref)
-    # the working set shrinks iff the active share fell below the threshold before the end
-    last = (ref.k_used == ref.k_used.max()).float().mean().item()
-    assert bool(selects) == (last < RECOMPACT_BELOW)
+    assert bool(selects) == shrinks(ref.k_used, k_max=12)
     assert selects == sorted(selects, reverse=True)
 
 
@@ -160,3 +170,30 @@ def test_compiled_step_equals_eager_step(inductor):
     compiled = settle_with(model, ids, compile_step=True, **knobs)
     assert_same_settling(compiled, eager)
     assert not math.isnan(compiled.trace[..., 1:].sum().item())
+
+
+def test_compiled_compact_loop_equals_reference(inductor, selects):
+    """Halting with compile_step: the shrinking working set runs compiled graphs that are
+    reused across sizes (automatic dynamic shapes) rather than compiled once per size."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model().eval()
+    graphs = []
+    for seed in range(4):
+        ref = settle_with(model, tokens(seed=seed), "reference", tol=0.3)
+        fast = settle_with(model, tokens(seed=seed), "compact", tol=0.3, compile_step=True)
+        assert_same_settling(fast, ref)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len(set(selects)) >= 3, selects  # working sets of several sizes were run
+    assert graphs[1] == graphs[-1] <= 4, graphs  # no new graph for new sizes after the second call
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (pinned memory and events)"))])
+def test_lagged_count_returns_the_previous_count(device):
+    counts = LaggedCount(torch.device(device))
+    seen = [counts.push(torch.tensor(n, device=device)) for n in (5, 3, 0)]
+    assert seen == [None, 5, 3]
+    counts.reset()
+    assert counts.push(torch.tensor(7, device=device)) is None
+    assert counts.push(torch.tensor(1, device=device)) == 7

@@ -7,7 +7,9 @@ of ``halt_in_training``), after the token-clocked experts, which run once either
 
 * halting off: every token runs k_max iterations (eager, and with ``compile_step``);
 * halting on, at each tolerance: the ``reference`` loop (masks; halting skips no work) and
-  the ``compact`` loop (only the tokens still running), with the mean K it reached.
+  the ``compact`` loop (only the tokens still running), eager and with ``compile_step``, with
+  the mean K reached. "vs off" compares each with halting off run the same way (eager or
+  compiled).
 
 The model is the throughput benchmark's matched CWS (d 512, k_max 24 by default) at its
 initial weights, on random tokens: how many iterations each token takes is whatever the
@@ -64,13 +66,14 @@ def run_halting(
     with torch.no_grad(), _autocast(device, dtype):
         context = model.pool.token_clocked(model.embed(ids), 0, None)
         off = measure(halting=False, tol=0.0, loop="reference", compile_step=False)
-        if compile_step:
-            measure(halting=False, tol=0.0, loop="reference", compile_step=True)
+        off_compiled = measure(halting=False, tol=0.0, loop="reference", compile_step=True) if compile_step else off
         for tol in tolerances:
             for loop in ("reference", "compact"):
                 measure(halting=True, tol=tol, loop=loop, compile_step=False)
+            if compile_step:
+                measure(halting=True, tol=tol, loop="compact", compile_step=True)
     for row in rows:
-        row["time_vs_off"] = row["ms"] / off["ms"]
+        row["time_vs_off"] = row["ms"] / (off_compiled if row["compile_step"] else off)["ms"]
         row["bound"] = row["m"] + 0.15 if row["halting"] else None
     return {"environment": environment(device, dtype), "config": {**tc.__dict__, "tolerances": list(tolerances)},
             "k_max": cfg.k_max, "rows": rows}

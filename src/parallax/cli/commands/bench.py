@@ -70,7 +70,7 @@ def add_arguments(parser) -> None:
                                 ("--steps", d.steps, "timed calls (median reported)")):
         hp.add_argument(flag, type=int, default=default, help=what)
     hp.add_argument("--tolerances", type=float, nargs="+", default=list(DEFAULT_TOLERANCES), help="halt_tol values")
-    hp.add_argument("--no-compile", action="store_true", help="skip the compiled (compile_step) halting-off row")
+    hp.add_argument("--no-compile", action="store_true", help="skip the compiled (compile_step) rows")
     hp.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"])
     hp.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     hp.add_argument("--set", dest="overrides", action="append", default=[], metavar="cws.KEY=VALUE",

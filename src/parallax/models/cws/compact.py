@@ -17,8 +17,11 @@ probe's keys and values are per sequence: the set's queries are scattered back o
 (B, T) grid and attend densely (see ``AttentionProbe.forward``), which keeps each query's
 own sequence and causal position without gathering keys per token.
 
-Halting decisions need the number of active tokens on the host, so this loop reads one
-scalar back per iteration; it also ends the loop as soon as every token has halted.
+Shrinking and stopping need the number of active tokens on the host. The loop reads it one
+iteration late (``LaggedCount``): on CUDA the count is copied to pinned memory without
+blocking, and the host waits only for the previous iteration while the current one is already
+queued, so the GPU is never left idle by the read. So the set shrinks, and the loop ends, one
+iteration after the count says so; the extra iteration is a masked no-op for halted tokens.
 """
 
 from __future__ import annotations
@@ -30,9 +33,38 @@ from torch import Tensor
 
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
-from parallax.models.cws.workspace import Workspace
 
 RECOMPACT_BELOW = 0.75  # shrink the working set when its active share falls below this
+
+
+class LaggedCount:
+    """Per-iteration counts read on the host one iteration late (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: tuple[Tensor, torch.cuda.Event | None] | None = None
+
+    def push(self, count: Tensor) -> int | None:
+        """Queue this iteration's ``count`` (a 0-dim device tensor); return the previous
+        pushed one (None right after a ``reset``)."""
+        previous = None
+        if self.pending is not None:
+            value, event = self.pending
+            if event is not None:
+                event.synchronize()
+            previous = int(value)
+        if self.cuda:
+            host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            host.copy_(count, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event)
+        else:
+            self.pending = (count, None)
+        return previous
+
+    def reset(self) -> None:
+        self.pending = None
 
 
 def _keep(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
@@ -42,8 +74,8 @@ def _keep(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
 
 @torch.no_grad()
 def settle_compact(
-    workspace: Workspace,
     full_step: Callable,
+    set_step: Callable,
     pool: ExpertPool,
     context: TokenContext,
     monitor: HaltMonitor,
@@ -57,32 +89,39 @@ def settle_compact(
     and, for the training replay, a ring of the last ``history`` states before each token's
     iterations (as ``settle._reference_ring_loop``), all on the full grid.
 
-    ``full_step`` (the workspace step, maybe compiled) runs while the set is the whole grid;
-    the eager ``workspace.step`` runs the shrunken set, whose size changes.
+    ``full_step`` (the workspace step, maybe compiled with static shapes) runs while the set is
+    the whole grid; ``set_step`` (eager, or compiled with dynamic shapes) runs the shrunken
+    set, whose size changes.
     """
     grid = h.shape[:2]
     states = [h, cum] * (1 + history)  # [h, cum, ring_0 h, ring_0 cum, ...], grid or (1, N) rows
     full = [x.flatten(0, 1) for x in states]  # the same as (B*T, ...), written back on shrinking
     rows: Tensor | None = None  # flat indices of the working set; None: the whole grid
     ctx = context
+    counts = LaggedCount(h.device)
+    size = grid[0] * grid[1]  # tokens in the set
     for k in range(1, k_max + 1):
         running = monitor.active if rows is None else monitor.flat_active[rows].unsqueeze(0)
         if history:
             ring = states[2:]
             states[2:] = [_keep(running, new, old) for old, new in zip(ring, ring[2:] + states[:2])]
-        step = full_step if rows is None else workspace.step
+        step = full_step if rows is None else set_step
         h_next, cum_next, raw = step(states[0], states[1], pool, ctx)
         monitor.observe(k, raw, rows)
         states[0], states[1] = _keep(running, h_next, states[0]), _keep(running, cum_next, states[1])
         still = monitor.flat_active if rows is None else monitor.flat_active[rows]
-        active = int(still.sum())  # the host read
+        active = counts.push(still.sum())  # active after iteration k - 1, in the same set
         if active == 0:
-            break
-        if active < RECOMPACT_BELOW * still.numel():
+            break  # iteration k was a masked no-op
+        if active is not None and active < RECOMPACT_BELOW * size and k < k_max:
+            kept = still.nonzero().squeeze(1) if rows is None else rows[still]
+            if kept.numel() == 0:  # a host read, once per shrink
+                break
             full = _write_back(full, states, rows)
-            rows = still.nonzero().squeeze(1) if rows is None else rows[still]
+            rows, size = kept, kept.numel()
             states = [x[rows].unsqueeze(0) for x in full]
             ctx = context.select(rows)
+            counts.reset()  # the queued count is of the old set
     full = _write_back(full, states, rows)
     full = [x.view(*grid, *x.shape[1:]) for x in full]
     return full[0], full[1], list(zip(full[2::2], full[3::2]))

@@ -55,7 +55,7 @@ class CWSConfig(ModelConfig):
     # active, so halting saves work; "reference" iterates all and masks the halted (the plain
     # twin it is tested against). Results agree to float rounding.
     loop: str = "compact"
-    compile_step: bool = False  # torch.compile the full-size no-grad workspace iterations
+    compile_step: bool = False  # torch.compile the no-grad workspace iterations (working set: dynamic shapes)
     # motor decoder
     decoder_window: int = 16
     decoder_heads: int = 4

@@ -19,7 +19,8 @@ gradient through the live steps like the h-clocked experts do.
 Two implementations of the no-grad halting loop (``CWSConfig.loop``): ``reference`` runs every
 token until all have halted and freezes halted ones with masks (simple; halting saves no
 work); ``compact`` (``compact.py``) runs only the tokens still active. They agree to float
-rounding. ``compile_step`` runs the full-size no-grad iterations through ``torch.compile``.
+rounding. ``compile_step`` runs the no-grad iterations through ``torch.compile`` (the compact
+loop's shrinking set with dynamic shapes).
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def settle(
         b, t, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol, enabled=halting, device=h.device
     )
     no_grad_step = compiled_step(workspace) if compile_step else workspace.step
+    set_step = compiled_step(workspace, working_set=True) if compile_step else workspace.step
     live = min(live_steps, k_max)
     compact = loop == "compact" and halting
     if live == 0:
         if compact:
-            h, _, _ = settle_compact(workspace, no_grad_step, pool, context, monitor, h, cum, k_max=k_max)
+            h, _, _ = settle_compact(no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max)
         else:
             with torch.no_grad():
                 h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max, halting)
@@ -86,7 +88,7 @@ def settle(
     else:
         if compact:
             _, _, ring = settle_compact(
-                workspace, no_grad_step, pool, context, monitor, h, cum, k_max=k_max, history=live
+                no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max, history=live
             )
         else:
             with torch.no_grad():
