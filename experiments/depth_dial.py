@@ -39,6 +39,9 @@ from common import parser, run_main, save_figure, score, train_run, write_json
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0], steps=800)
+    p.add_argument("--task", default="pointer_chase", choices=["pointer_chase", "chain_root"],
+                   help="k-hop chasing with the count given, or the root of a chain (a fixed point)")
+    p.add_argument("--chains", type=int, default=2, help="chain_root: chains per sequence")
     p.add_argument("--nodes", type=int, default=5)
     p.add_argument("--queries", type=int, default=16, help="queries per sequence (answer tokens)")
     p.add_argument("--max-hops", type=int, default=2)
@@ -49,8 +52,10 @@ def main() -> None:
     p.add_argument("--iterations", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--transformer-layers", type=int, default=4, help="baseline depth (16 on a GPU; 4 keeps the CPU run short)")
     args = p.parse_args()
-    data = {"name": "pointer_chase", "nodes": args.nodes, "queries": args.queries,
+    data = {"name": args.task, "nodes": args.nodes, "queries": args.queries,
             "max_size": args.max_hops, "ood_size": args.ood_hops, "size_decay": args.size_decay}
+    if args.task == "chain_root":
+        data["chains"] = args.chains
     heads = max(1, args.dim // 32)
     recurrent = {"name": "recurrent", "d_model": args.dim, "n_heads": heads, "mean_iterations": args.train_iterations,
                  "max_iterations": 4 * args.train_iterations}

@@ -7,7 +7,8 @@ from parallax.config import RunConfig
 from parallax.data import DATA
 from parallax.data.batch import batch_generator
 from parallax.data.depth_tasks import (
-    BOS, FIRST_SYMBOL, PAD, SEP, TICK, Automaton, AutomatonConfig, PointerChase, PointerChaseConfig,
+    BOS, FIRST_SYMBOL, PAD, SEP, TICK, Automaton, AutomatonConfig, ChainRoot, ChainRootConfig, PointerChase,
+    PointerChaseConfig,
 )
 from parallax.errors import ConfigError
 
@@ -41,6 +42,40 @@ def test_pointer_chase_answers_follow_the_listed_map():
         assert b.targets[row][b.loss_mask[row]].tolist() == answers
         assert b.labels[row][b.loss_mask[row]].tolist() == sizes
         assert (b.labels[row][~b.loss_mask[row]] == 0).all()
+
+
+def test_chain_root_answers_are_the_roots_of_the_listed_chains():
+    cfg = ChainRootConfig(nodes=12, chains=3, queries=4, max_size=2, ood_size=3)
+    source = ChainRoot(cfg)
+    for split in ("train", "test"):
+        b = source.batch(split, 6, batch_generator(0, split, 0))
+        assert b.input_ids.shape == (6, source.seq_len)
+        for row in range(6):
+            seq = full_sequence(b, row)
+            assert seq[0] == BOS
+            pairs = [divmod(t - source.first_pair, cfg.nodes) for t in seq[1 : 1 + cfg.nodes]]
+            parent = dict(pairs)
+            assert sorted(parent) == list(range(cfg.nodes))
+            roots = [a for a, p in parent.items() if a == p]
+            assert len(roots) == cfg.chains
+            answers, depths = [], []
+            for q in range(cfg.queries):
+                sep, x, y = seq[1 + cfg.nodes + 3 * q : 1 + cfg.nodes + 3 * (q + 1)]
+                node, depth = x - FIRST_SYMBOL, 0
+                while parent[node] != node:
+                    node, depth = parent[node], depth + 1
+                assert sep == SEP and y - FIRST_SYMBOL == node
+                answers.append(y)
+                depths.append(depth)
+            assert b.targets[row][b.loss_mask[row]].tolist() == answers
+            assert b.labels[row][b.loss_mask[row]].tolist() == depths
+            lo, hi = (1, cfg.max_size) if split == "train" else (cfg.max_size + 1, cfg.ood_size)
+            assert all(lo <= d <= hi for d in depths)
+
+
+def test_chain_root_needs_chains_long_enough_for_the_deepest_query():
+    with pytest.raises(ConfigError, match="ood_size"):
+        RunConfig.from_dict({"model": {"name": "transformer"}, "data": {"name": "chain_root", "nodes": 12, "chains": 3, "ood_size": 4}})
 
 
 def rule_step(cells, rule):
@@ -88,7 +123,7 @@ def test_rule_30_by_hand():
         assert read_cells(b.targets[row][b.loss_mask[row]].tolist(), False) == rule_step(read_cells(seq[4:9], False), 30)
 
 
-@pytest.mark.parametrize("name", ["pointer_chase", "automaton"])
+@pytest.mark.parametrize("name", ["pointer_chase", "chain_root", "automaton"])
 def test_batches_are_a_function_of_the_generator_seed(name):
     cfg = RunConfig.from_dict({"model": {"name": "transformer"}, "data": {"name": name, "size_decay": 0.5}})
     source = DATA.get(name).builder(cfg.data)
@@ -113,7 +148,7 @@ def test_size_decay_weights_small_training_sizes_only():
     assert counts("test", 0.5) == counts("test", 1.0)
 
 
-@pytest.mark.parametrize("name", ["pointer_chase", "automaton"])
+@pytest.mark.parametrize("name", ["pointer_chase", "chain_root", "automaton"])
 def test_splits_draw_in_and_out_of_distribution_sizes(name):
     cfg = RunConfig.from_dict({"model": {"name": "transformer"}, "data": {"name": name}})
     source = DATA.get(name).builder(cfg.data)

@@ -16,6 +16,10 @@ out-of-distribution sizes (so ``parallax eval`` can score extrapolation from con
   each hop one content-addressed attention read (a two-token ``a f(a)`` listing needs a
   previous-token head first, and small models sat on the chance plateau for 800+ steps); the
   start ``x`` sits just before the answer so the first lookup reads the current token.
+* ``chain_root``: ``nodes`` symbols in ``chains`` chains, each node's parent listed as one pair
+  token, roots their own parents; a query ``SEP x y`` asks for the root of x's chain, so the
+  size is x's depth. The answer is a fixed point of following parents: more iterations than
+  the depth change nothing, which suits a test-time depth dial (see ``ChainRoot``).
 * ``automaton``: an elementary cellular automaton (``rule``, default 30: chaotic) on a ring of
   ``width`` binary cells; ``BOS TICK^n PAD.. SEP cells SEP answer`` asks for the cells after n
   steps. Small state errors grow under chaotic dynamics, so a latent state that drifts from the
@@ -144,6 +148,79 @@ class PointerChase(DataSource):
         c = self.cfg
         return (f"PointerChase(nodes={c.nodes}, queries={c.queries}, max_size={c.max_size}, ood_size={c.ood_size}, "
                 f"ood={c.ood}, size_decay={c.size_decay})")
+
+
+@dataclass
+class ChainRootConfig(DataConfig):
+    nodes: int = 16
+    chains: int = 2
+    queries: int = 4
+    max_size: int = 3  # deepest in-distribution query
+    ood_size: int = 7  # deepest out-of-distribution query
+    ood: bool = False
+    size_decay: float = 1.0  # train split: depth d drawn with weight size_decay**(d - smallest); 1 = uniform
+
+    def validate(self) -> None:
+        if not 1 <= self.max_size < self.ood_size:
+            raise ValueError("need 1 <= max_size < ood_size")
+        if self.chains < 2 or self.nodes % self.chains or self.nodes // self.chains < self.ood_size + 1:
+            raise ValueError(
+                f"need chains >= 2 dividing nodes into chains of at least ood_size + 1 = {self.ood_size + 1} "
+                f"nodes (got nodes={self.nodes}, chains={self.chains})"
+            )
+        if self.queries < 1:
+            raise ValueError("queries must be >= 1")
+        if self.size_decay <= 0:
+            raise ValueError("size_decay must be > 0")
+
+
+@DATA.register("chain_root", ChainRootConfig, "the root of a node's chain in a listed forest (a fixed point of following)")
+class ChainRoot(DataSource):
+    """``nodes`` symbols form ``chains`` chains of equal length; each node's parent is listed
+    as one pair token ``(a, parent(a))``, and each root is its own parent. A query ``SEP x y``
+    asks for the root ``y`` of the chain through ``x``; its size is the depth of ``x``, the
+    lookups that following parents needs. Unlike k-hop chasing, the answer is a fixed point of
+    following: iterating past the depth changes nothing, so a recurrent model may spend any
+    r >= depth and needs no count, and deeper (out-of-distribution) queries need only more
+    iterations. With several chains the root cannot be found without following: every chain
+    has one."""
+
+    def __init__(self, cfg: ChainRootConfig):
+        self.cfg = cfg
+        self.first_pair = FIRST_SYMBOL + cfg.nodes  # pair token of (a, parent(a)): first_pair + a * nodes + parent(a)
+        self.vocab_size = self.first_pair + cfg.nodes * cfg.nodes
+        self.seq_len = cfg.nodes + 3 * cfg.queries  # BOS + pairs + queries, minus one
+        self.label_names = ("prompt",) + tuple(f"depth={d}" for d in range(1, cfg.ood_size + 1))
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
+        cfg, b, m, q = self.cfg, batch_size, self.cfg.nodes, self.cfg.queries
+        length = m // cfg.chains
+        order = torch.rand(b, m, generator=generator).argsort(1)  # chain j is order[:, j*length:(j+1)*length]
+        position = torch.arange(m)
+        above = torch.where(position % length == 0, position, position - 1)  # a root is its own parent
+        parent = torch.empty_like(order).scatter_(1, order, order[:, above])
+        listed = torch.rand(b, m, generator=generator).argsort(1)
+        pairs = self.first_pair + listed * m + parent.gather(1, listed)
+        lo, hi = size_range(split, cfg.max_size, cfg.ood_size, cfg.ood)
+        depth = draw_sizes(split, (b, q), lo, hi, cfg.size_decay, generator)
+        chain = torch.randint(0, cfg.chains, (b, q), generator=generator)
+        x = order.gather(1, chain * length + depth)
+        y = order.gather(1, chain * length)
+        parts = [torch.full((b, 1), BOS), pairs]
+        for i in range(q):
+            parts += [torch.full((b, 1), SEP), x[:, i : i + 1] + FIRST_SYMBOL, y[:, i : i + 1] + FIRST_SYMBOL]
+        seq = torch.cat(parts, 1)
+        answer = torch.zeros_like(seq, dtype=torch.bool)
+        size = torch.zeros_like(seq)
+        answer_at = 1 + m + 3 * torch.arange(1, q + 1) - 1
+        answer[:, answer_at] = True
+        size[:, answer_at] = depth
+        return to_batch(seq, answer, size)
+
+    def fingerprint(self) -> str:
+        c = self.cfg
+        return (f"ChainRoot(nodes={c.nodes}, chains={c.chains}, queries={c.queries}, max_size={c.max_size}, "
+                f"ood_size={c.ood_size}, ood={c.ood}, size_decay={c.size_decay})")
 
 
 @dataclass
