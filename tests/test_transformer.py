@@ -23,6 +23,19 @@ def test_kv_cache_matches_full_forward():
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
 
 
+def test_kv_cache_under_autocast_is_kept_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    model = tiny(n_kv_heads=2, n_layers=2)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids).logits.float()
+        cache = model.new_cache(2, 16)
+        chunks = [model(ids[:, t : t + 1], cache=cache).logits.float() for t in range(9)]
+    assert {c.k.dtype for c in cache.layers} == {c.v.dtype for c in cache.layers} == {torch.bfloat16}
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=0.05, atol=0.05)  # bf16 rounding only
+    assert model.new_cache(2, 16).layers[0].k.dtype == torch.float32  # no autocast: the weights' dtype
+
+
 def test_causality_future_tokens_do_not_change_past_logits():
     model = tiny()
     ids = torch.randint(0, 50, (1, 10))
