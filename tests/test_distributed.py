@@ -1,8 +1,9 @@
 """Data parallel training on CPU: 2 gloo processes under torchrun.
 
 Contracts: 2 ranks x batch b train exactly like 1 rank x batch 2b (DDP and FSDP2, with
-gradient accumulation); a checkpoint written by 2 ranks resumes on 1; the CWS with per-token
-halting in training does not deadlock when its ranks halt at different K.
+gradient accumulation); a checkpoint written by 2 ranks resumes on 1; 2 ranks sharing an odd
+number of validation batches log the metrics of 1 rank; the CWS with per-token halting in
+training does not deadlock when its ranks halt at different K.
 """
 
 import json
@@ -14,7 +15,9 @@ import pytest
 
 from parallax.checkpoint import load_run
 from parallax.config import RunConfig
-from parallax.train import resume_config, train
+from parallax.train import Trainer, resume_config, train
+from parallax.train.metrics_log import read_metrics
+from parallax.train.trainer import flatten_metrics
 
 TIMEOUT_S = 120  # a deadlocked rank fails the test instead of hanging the suite
 STEPS = 4
@@ -25,7 +28,7 @@ STEPS = 4
 TINY = [
     "model.name=transformer", "model.d_model=32", "model.n_heads=2", "data.name=sort", "data.length=5",
     "data.vocab=8", "train.grad_accum=2", "train.warmup_steps=0", "train.min_lr_ratio=1.0",
-    "train.save_every=2", "train.eval_every=1000", "train.eval_batches=1", "train.log_every=1",
+    "train.save_every=2", "train.eval_every=1000", "train.eval_batches=3", "train.log_every=1",
     "train.progress=false", "train.device=cpu",
 ]
 
@@ -43,6 +46,15 @@ def losses(run_dir):
     return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
 
 
+def assert_validation_of_one_rank(run_dir, step):
+    """The validation metrics logged at ``step`` by 2 ranks are those of 1 rank on its checkpoint."""
+    logged = {k: v for r in read_metrics(run_dir) if r["step"] == step for k, v in r.items() if k.startswith("val_")}
+    assert "val_loss" in logged
+    trainer = Trainer(resume_config(run_dir, []), run_dir, resume=True)
+    assert trainer.step == step
+    assert logged == pytest.approx(flatten_metrics(trainer.evaluate(), prefix="val"), rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def one_rank_batch_16(tmp_path_factory):
     """The reference: 1 process, batch 16, STEPS + 2 steps."""
@@ -52,7 +64,7 @@ def one_rank_batch_16(tmp_path_factory):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_match_one_rank_with_twice_the_batch(parallel, tmp_path, one_rank_batch_16):
+def test_two_ranks_match_one_rank_with_twice_the_batch(parallel, tmp_path, one_rank_batch_16, one_thread):
     out = tmp_path / "run"
     over = TINY + ["train.batch_size=8", f"train.steps={STEPS}", f"train.parallel={parallel}"]
     torchrun("--out", str(out), *over)
@@ -61,6 +73,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(parallel, tmp_path, one_r
     for step, loss in got.items():
         assert loss == pytest.approx(one_rank_batch_16[step], rel=1e-5), step
     assert json.loads((out / "environment.json").read_text())["world_size"] == 2
+    assert_validation_of_one_rank(out, STEPS)  # rank 0 scored batches 0 and 2, rank 1 batch 1
 
     # the full model and a single-process optimizer state: resume on 1 rank with batch 16
     assert load_run(out).step == STEPS
@@ -70,18 +83,20 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(parallel, tmp_path, one_r
         assert resumed[step] == pytest.approx(one_rank_batch_16[step], rel=1e-5), step
 
 
-def test_cws_with_halting_in_training_does_not_deadlock(tmp_path):
+def test_cws_with_halting_in_training_does_not_deadlock(tmp_path, one_thread):
     """Tokens halt at different K on each rank; the no-grad loops hold no collective."""
     out = tmp_path / "cws"
     over = [
         "model.name=cws", "model.d_model=32", "model.mlp_hidden=32", "model.siren_hidden=32",
         "model.probe_head_dim=8", "model.k_max=6", "model.halt_in_training=true", "model.halt_tol=0.6",
-        "data.name=sort", "data.length=5", "data.vocab=8", "train.batch_size=4", "train.steps=3",
-        "train.eval_every=3", "train.save_every=3", "train.eval_batches=1", "train.log_every=1",
+        "data.name=bind_recall", "data.n_keys=4", "data.n_values=4", "data.n_bindings=2", "data.n_rebinds=1",
+        "data.n_queries=2", "data.n_fillers=1", "train.batch_size=4", "train.steps=3",
+        "train.eval_every=3", "train.save_every=3", "train.eval_batches=3", "train.log_every=1",
         "train.progress=false", "train.device=cpu",
     ]
     torchrun("--out", str(out), *over)
     assert sorted(losses(out)) == [1, 2, 3]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert 1 < next(r["val_mean_k"] for r in rows if "val_mean_k" in r) < 6  # tokens did halt early
     assert load_run(out).step == 3
+    assert_validation_of_one_rank(out, 3)  # with mean K and per-label metrics

@@ -46,13 +46,18 @@ def collect_records(
     seed: int = 0,
     split: str = "val",
     autocast_dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TokenRecords:
+    """Records of batches ``0 .. batches - 1`` of ``split``, or of those with ``i % world_size ==
+    rank`` when processes share the work. Sequences keep their index among all ``batches``, so
+    the shares of the ranks merge into the records of one process."""
     was_training = model.training
     model.eval()
     parts: dict[str, list[Tensor]] = {k: [] for k in ("label", "loss", "correct", "sequence", "position")}
     diag_parts: dict[str, list[Tensor]] = {}
     run_diag: dict[str, list[Tensor]] = {}
-    for i in range(batches):
+    for i in range(rank, batches, world_size):
         batch = source.batch(split, batch_size, batch_generator(seed, split, i)).to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             # loss_mask tells non-causal models (EAM) which positions are the answer to hide

@@ -10,6 +10,8 @@ layout lives here and is applied to the model from outside:
 * Data: every rank draws the same global batch of ``world_size x batch_size`` rows from the
   seeded generator of the step and keeps its own slice (``rank_rows``), so 2 ranks x batch b
   train on exactly the examples of 1 rank x batch 2b.
+* Evaluation: every rank scores its share of the validation batches and the per-token records
+  are gathered (``gather_records``), so all ranks compute the metrics of one process.
 * Checkpoints always hold the full, unsharded model and an ordinary single-process optimizer
   state, written by rank 0, so they load on any number of processes and on CPU.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from typing import Any
@@ -33,6 +35,7 @@ from torch import nn
 
 from parallax.data.batch import Batch
 from parallax.errors import ConfigError, ParallaxError
+from parallax.eval.records import TokenRecords
 from parallax.models.moe import MixtureOfExperts
 from parallax.train.runtime import (
     Runtime,
@@ -96,9 +99,10 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
 
     FSDP2 shards the whole model as one group: its parameters are gathered once per forward
     and backward, never inside a model's own loops, whose trip count differs between ranks
-    (CWS halting, the recurrent depth). Routed MoE experts can go unused on a rank, which DDP
-    must be told about and FSDP2 cannot reduce; every other model uses all its parameters in
-    each step.
+    (CWS halting, the recurrent depth). A forward leaves them gathered (FSDP2's default for a
+    root module, made explicit because ``unsharded`` relies on it). Routed MoE experts can go
+    unused on a rank, which DDP must be told about and FSDP2 cannot reduce; every other model
+    uses all its parameters in each step.
     """
     if runtime.parallel == "none":
         return model
@@ -111,7 +115,7 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
             )
         from torch.distributed.fsdp import fully_shard
 
-        return fully_shard(model)
+        return fully_shard(model, reshard_after_forward=False)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=routed)
 
@@ -141,6 +145,50 @@ def rank_rows(batch: Batch, runtime: Runtime) -> Batch:
     b = batch.input_ids.shape[0] // runtime.world_size
     rows = slice(runtime.rank * b, (runtime.rank + 1) * b)
     return Batch(**{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
+
+
+@contextmanager
+def unsharded(model: nn.Module, runtime: Runtime) -> Iterator[None]:
+    """Under FSDP2, the full weights on every rank for the duration: forwards inside gather
+    nothing, so ranks can run different numbers of them (uneven shares of the evaluation)."""
+    if runtime.parallel != "fsdp":
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def gather_records(share: TokenRecords | None, batches: int, runtime: Runtime) -> TokenRecords:
+    """The records of all ``batches`` on every rank, from each rank's share (None: it had none).
+
+    Tokens are put back in the order of their sequences, as one process collects them, so the
+    metrics sum them in the same order; run diagnostics, means over a rank's batches, are
+    weighted by its number of batches.
+    """
+    if runtime.world_size == 1:
+        return share
+    shares = [None] * runtime.world_size
+    dist.all_gather_object(shares, share)
+    counts = [len(range(rank, batches, runtime.world_size)) for rank in range(runtime.world_size)]
+    counts, shares = zip(*[(n, s) for n, s in zip(counts, shares) if s is not None])
+    order = torch.argsort(torch.cat([s.sequence for s in shares]), stable=True)
+
+    def merged(values: Iterable[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(values))[order]
+
+    first = shares[0]
+    per_token = ("label", "loss", "correct", "sequence", "position")
+    return TokenRecords(
+        **{name: merged(getattr(s, name) for s in shares) for name in per_token},
+        label_names=first.label_names,
+        token_diagnostics={k: merged(s.token_diagnostics[k] for s in shares) for k in first.token_diagnostics},
+        run_diagnostics={
+            k: sum(n * s.run_diagnostics[k] for n, s in zip(counts, shares)) / batches for k in first.run_diagnostics
+        },
+    )
 
 
 def mean_over_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:

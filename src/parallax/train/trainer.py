@@ -202,19 +202,24 @@ class Trainer:
         return loss, tokens
 
     def evaluate(self) -> dict[str, Any]:
-        """Validation metrics; computed on rank 0, or on every rank when FSDP2 must gather weights.
+        """Validation metrics over ``eval_batches`` batches, the same on every rank.
 
-        Evaluation leaves the RNG as it was, so ranks that skip it stay in step with rank 0.
+        Each rank scores its share of the batches and the records are gathered, so the metrics
+        are those of one process and evaluation gets faster with more ranks (every rank must
+        call it). Evaluation leaves the RNG as it was, so ranks, which evaluate different
+        batches, stay in step.
         """
-        if not (self.runtime.is_main or self.runtime.parallel == "fsdp"):
-            return {}
-        t = self.cfg.train
-        devices = [self.runtime.device] if self.runtime.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            records = collect_records(
-                self.model, self.source, batches=t.eval_batches, batch_size=t.batch_size,
-                device=self.runtime.device, seed=t.seed, autocast_dtype=self.runtime.autocast_dtype,
-            )
+        t, rt = self.cfg.train, self.runtime
+        devices = [rt.device] if rt.device.type == "cuda" else []
+        share = None  # none for a rank beyond the last batch
+        with torch.random.fork_rng(devices=devices), distributed.unsharded(self.model, rt):
+            if rt.rank < t.eval_batches:
+                share = collect_records(
+                    self.model, self.source, batches=t.eval_batches, batch_size=t.batch_size,
+                    device=rt.device, seed=t.seed, autocast_dtype=rt.autocast_dtype,
+                    rank=rt.rank, world_size=rt.world_size,
+                )
+        records = distributed.gather_records(share, t.eval_batches, rt)
         metrics = summarize(records)
         k = records.token_diagnostics.get("k_used")
         if k is not None:
