@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from parallax.checkpoint import LATEST, latest_checkpoint, load_run
+from parallax.checkpoint import LATEST, RUN_FORMAT_VERSION, latest_checkpoint, load_run
 from parallax.config import RunConfig
 from parallax.errors import CheckpointError
-from parallax.train import train
+from parallax.train import resume_config, train
 
 
 @pytest.fixture
@@ -61,6 +61,47 @@ def test_checkpoint_of_another_architecture_is_reported(run_dir):
     meta["model"] = "cws"
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="holds a 'cws' model"):
+        load_run(run_dir)
+
+
+def set_format_version(run_dir, version):
+    """Rewrite every kept checkpoint's ``meta.json`` as a run of another format would have it."""
+    for meta_path in (run_dir / "checkpoints").glob("step_*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        assert meta["format_version"] == RUN_FORMAT_VERSION
+        if version is None:
+            del meta["format_version"]
+        else:
+            meta["format_version"] = version
+        meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("version", "described"),
+    [(None, "none (written before run formats were versioned)"), (RUN_FORMAT_VERSION + 1, str(RUN_FORMAT_VERSION + 1))],
+)
+def test_run_of_another_format_is_refused_with_its_version(run_dir, tiny_sort_overrides, version, described):
+    set_format_version(run_dir, version)
+    expected = (
+        f"run directory {str(run_dir)!r} records run format version {described}, but this version of parallax "
+        f"reads only version {RUN_FORMAT_VERSION}; re-train the run, or load it with the version of parallax that wrote it"
+    )
+    for load in (
+        lambda: load_run(run_dir),
+        lambda: resume_config(run_dir, []),
+        lambda: train(RunConfig.from_dict({}, tiny_sort_overrides), run_dir, resume=True),
+    ):
+        with pytest.raises(CheckpointError) as info:
+            load()
+        assert str(info.value) == expected
+
+
+def test_old_run_whose_config_no_longer_parses_reports_its_format(run_dir):
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["model"]["renamed_since"] = 1
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    set_format_version(run_dir, None)
+    with pytest.raises(CheckpointError, match=r"^run directory .* records run format version none \("):
         load_run(run_dir)
 
 

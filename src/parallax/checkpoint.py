@@ -12,12 +12,13 @@ A run directory describes itself::
         step_00000600/
           model.safetensors     weights (tied tensors stored once)
           trainer_state.pt      optimizer, step, RNG; plain tensors and numbers only
-          meta.json             step, model name, sha256 of the two files above
+          meta.json             run format version, step, model name, sha256 of the two files above
 
 A checkpoint is assembled in a temporary folder, fsynced, renamed into place, and only then
 named in ``latest`` (itself replaced atomically). Killing the process at any moment leaves
 ``latest`` pointing at a complete checkpoint. Loading verifies the hashes and never unpickles
 code: weights go through safetensors and the trainer state through ``weights_only`` loading.
+A run written in another run format is refused up front with its version, not half-loaded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ LATEST = "latest"
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
 META = "meta.json"
+# Bump whenever a change to this layout, the config or the weights stops older runs from loading.
+RUN_FORMAT_VERSION = 1
 
 
 def _sha256(path: Path) -> str:
@@ -84,6 +87,7 @@ def save_checkpoint(
     save_model(model, str(tmp / WEIGHTS), metadata={"model": model_name, "step": str(step)})
     torch.save(trainer_state, tmp / STATE)
     meta = {
+        "format_version": RUN_FORMAT_VERSION,
         "step": step,
         "model": model_name,
         "sha256": {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)},
@@ -120,9 +124,23 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt} has no readable {META}; it is incomplete or corrupt") from None
 
 
+def check_run_format(ckpt: Path) -> dict[str, Any]:
+    """Refuse a checkpoint of another run format before its contents fail in obscure ways."""
+    meta = read_meta(ckpt)
+    found = meta.get("format_version")
+    if found != RUN_FORMAT_VERSION:
+        described = "none (written before run formats were versioned)" if found is None else repr(found)
+        raise CheckpointError(
+            f"run directory {str(ckpt.parent.parent)!r} records run format version {described}, but this "
+            f"version of parallax reads only version {RUN_FORMAT_VERSION}; re-train the run, or load it "
+            f"with the version of parallax that wrote it"
+        )
+    return meta
+
+
 def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     """Check that every file is present and matches the hash recorded when it was written."""
-    meta = read_meta(ckpt)
+    meta = check_run_format(ckpt)
     for name, expected in meta.get("sha256", {}).items():
         path = ckpt / name
         if not path.is_file():
@@ -172,6 +190,9 @@ def read_run_config(run_dir: Path, overrides: list[str] = ()):
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{str(run_dir)!r} is not a run directory (it has no {CONFIG_FILE})")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:  # an older run's config may not parse: report its format version instead
+        check_run_format(ckpt)
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError:
