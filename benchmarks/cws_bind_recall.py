@@ -93,7 +93,6 @@ def main() -> None:
         results["runs"].append(entry)
         out_json.write_text(json.dumps(results, indent=1, default=str))
         fixed = entry["eval"][0]
-        rec = fixed["hard_vs_easy"]
         print(f"[{variant}] {seconds:.0f}s params={entry['parameters']} acc={fixed['accuracy']:.3f} "
               f"per label={ {k: round(v['accuracy'], 3) for k, v in fixed['per_label'].items()} }", flush=True)
         for pt in entry["eval"][1:]:

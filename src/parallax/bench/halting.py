@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from parallax.bench.throughput import ThroughputConfig, _autocast, environment, matched_configs, resolve, time_calls
+from parallax.bench.throughput import (
+    ThroughputConfig,
+    _autocast,
+    environment,
+    matched_configs,
+    resolve,
+    time_calls,
+)
 from parallax.models.cws.settle import settle
 
 DEFAULT_TOLERANCES = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -81,8 +88,8 @@ def run_halting(
 
 def format_halting(report: dict[str, Any]) -> str:
     lines = [f"{report['environment']['device']}, k_max {report['k_max']}: no-grad settle time",
-             f"{'halting':>7} {'tol':>5} {'loop':>9} {'compiled':>8} {'ms':>9} {'mean K':>7} {'m':>6} "
-             f"{'vs off':>7} {'m+0.15':>7}"]
+             (f"{'halting':>7} {'tol':>5} {'loop':>9} {'compiled':>8} {'ms':>9} {'mean K':>7} {'m':>6} "
+              f"{'vs off':>7} {'m+0.15':>7}")]
     for r in report["rows"]:
         bound = "-" if r["bound"] is None else f"{r['bound']:.3f}"
         lines.append(f"{r['halting']!s:>7} {r['tol']:>5} {r['loop']:>9} {r['compile_step']!s:>8} {r['ms']:>9.2f} "
