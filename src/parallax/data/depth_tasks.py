@@ -86,6 +86,17 @@ def to_batch(seq: Tensor, answer: Tensor, size: Tensor) -> Batch:
     return Batch(seq[:, :-1], seq[:, 1:], mask, torch.where(mask, size[:, 1:], 0))
 
 
+def query_batch(seq: Tensor, pairs: int, query_len: int, sizes: Tensor) -> Batch:
+    """Batch of (B, L) sequences ``BOS``, ``pairs`` listed pair tokens, then queries of
+    ``query_len`` tokens, each ending in its answer; (B, Q) ``sizes`` label the answers."""
+    answer = torch.zeros_like(seq, dtype=torch.bool)
+    size = torch.zeros_like(seq)
+    answer_at = pairs + query_len * torch.arange(1, sizes.shape[1] + 1)
+    answer[:, answer_at] = True
+    size[:, answer_at] = sizes
+    return to_batch(seq, answer, size)
+
+
 @dataclass
 class PointerChaseConfig(DataConfig):
     nodes: int = 12
@@ -136,13 +147,7 @@ class PointerChase(DataSource):
         for i in range(q):
             ticks = unary(hops[:, i], cfg.ood_size)
             parts += [torch.full((b, 1), SEP), ticks, x[:, i : i + 1] + FIRST_SYMBOL, y[:, i : i + 1] + FIRST_SYMBOL]
-        seq = torch.cat(parts, 1)
-        answer = torch.zeros_like(seq, dtype=torch.bool)
-        size = torch.zeros_like(seq)
-        answer_at = 1 + m + self.query_len * torch.arange(1, q + 1) - 1
-        answer[:, answer_at] = True
-        size[:, answer_at] = hops
-        return to_batch(seq, answer, size)
+        return query_batch(torch.cat(parts, 1), m, self.query_len, hops)
 
     def fingerprint(self) -> str:
         c = self.cfg
@@ -209,13 +214,7 @@ class ChainRoot(DataSource):
         parts = [torch.full((b, 1), BOS), pairs]
         for i in range(q):
             parts += [torch.full((b, 1), SEP), x[:, i : i + 1] + FIRST_SYMBOL, y[:, i : i + 1] + FIRST_SYMBOL]
-        seq = torch.cat(parts, 1)
-        answer = torch.zeros_like(seq, dtype=torch.bool)
-        size = torch.zeros_like(seq)
-        answer_at = 1 + m + 3 * torch.arange(1, q + 1) - 1
-        answer[:, answer_at] = True
-        size[:, answer_at] = depth
-        return to_batch(seq, answer, size)
+        return query_batch(torch.cat(parts, 1), m, 3, depth)
 
     def fingerprint(self) -> str:
         c = self.cfg
