@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from parallax.bench.memory import saved_tensor_bytes
 from parallax.config import RunConfig
 from parallax.data.batch import batch_generator
 from parallax.data.tasks import CopyTask, SequenceTaskConfig
@@ -50,16 +51,7 @@ def test_maskgit_decoding_fills_every_mask_and_logits_give_the_decoded_tokens():
 
 
 def saved_bytes(model, b) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(b.input_ids, b.targets, b.loss_mask).loss.backward()
-    return total
+    return saved_tensor_bytes(lambda: model(b.input_ids, b.targets, b.loss_mask).loss)
 
 
 def test_training_memory_is_independent_of_solver_depth_at_grad_tail_one():

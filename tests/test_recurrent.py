@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from parallax.bench.memory import saved_tensor_bytes
 from parallax.data.batch import batch_generator
 from parallax.data.tasks import CopyTask, SequenceTaskConfig
 from parallax.models.moe import MixtureOfExperts
@@ -49,16 +50,7 @@ def test_regrounding_modes_train(reground):
 
 
 def saved_bytes(model, b) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(b.input_ids, b.targets, b.loss_mask).loss.backward()
-    return total
+    return saved_tensor_bytes(lambda: model(b.input_ids, b.targets, b.loss_mask).loss)
 
 
 def test_truncated_backprop_memory_is_independent_of_iterations():
