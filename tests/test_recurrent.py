@@ -60,6 +60,8 @@ def test_truncated_backprop_memory_is_independent_of_iterations():
     deeper_tail = saved_bytes(tiny(iterations="fixed", mean_iterations=12, max_iterations=32, backprop_depth=4), b)
     assert shallow == deep
     assert deeper_tail > deep
+    full = saved_bytes(tiny(iterations="fixed", mean_iterations=12, max_iterations=32, backprop_depth=0), b)
+    assert full > deeper_tail  # 0: gradient through every iteration
 
 
 @pytest.mark.parametrize("sampling", ["poisson_lognormal", "uniform"])
