@@ -30,8 +30,10 @@ that one core pass cannot cover them, and the 16-layer baseline. Run on an H100 
 (BENCHMARKS.md): recurrent ID 0.40 at every r (1 hop 1.00, 2 hops 0.44), 16-layer transformer
 0.56, both at chance out of distribution; the dial stays flat. ``--task chain_root`` asks for
 the root of a node's chain instead (a fixed point of following: no count to read, and more
-iterations than the depth change nothing); on CPU the recurrent model did not learn it either
-(0.5, one of the two roots) where a 4-layer transformer learned depth 1 exactly.
+iterations than the depth change nothing). On CPU, with truncated backprop, the recurrent
+model did not learn it (0.5, one of the two roots); gradient must reach the first iteration:
+``--sampling fixed --train-iterations 2 --backprop-depth 0`` matched a 4-layer transformer in
+distribution at r = 2 and got worse with more iterations (BENCHMARKS.md).
 """
 
 from __future__ import annotations
