@@ -99,7 +99,6 @@ def settle_compact(
     rows: Tensor | None = None  # flat indices of the working set; None: the whole grid
     ctx = context
     counts = LaggedCount(h.device)
-    size = grid[0] * grid[1]  # tokens in the set
     for k in range(1, k_max + 1):
         running = monitor.active if rows is None else monitor.flat_active[rows].unsqueeze(0)
         if history:
@@ -113,12 +112,12 @@ def settle_compact(
         active = counts.push(still.sum())  # active after iteration k - 1, in the same set
         if active == 0:
             break  # iteration k was a masked no-op
-        if active is not None and active < RECOMPACT_BELOW * size and k < k_max:
+        if active is not None and active < RECOMPACT_BELOW * still.numel() and k < k_max:
             kept = still.nonzero().squeeze(1) if rows is None else rows[still]
             if kept.numel() == 0:  # a host read, once per shrink
                 break
             full = _write_back(full, states, rows)
-            rows, size = kept, kept.numel()
+            rows = kept
             states = [x[rows].unsqueeze(0) for x in full]
             ctx = context.select(rows)
             counts.reset()  # the queued count is of the old set
