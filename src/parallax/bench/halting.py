@@ -18,6 +18,7 @@ tolerance gives, reported beside each time. Timing as ``parallax.bench.throughpu
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from typing import Any
 
@@ -52,7 +53,7 @@ def run_halting(
 
     tc.validate()
     device, dtype = resolve(tc)
-    cfg = matched_configs(ThroughputConfig(**{**tc.__dict__, "models": ("cws",)}))["cws"]
+    cfg = matched_configs(dataclasses.replace(tc, models=("cws",)))["cws"]
     torch.manual_seed(0)
     model = build_model(cfg).to(device).eval()
     generator = torch.Generator(device=device).manual_seed(0)
@@ -82,7 +83,7 @@ def run_halting(
     for row in rows:
         row["time_vs_off"] = row["ms"] / (off_compiled if row["compile_step"] else off)["ms"]
         row["bound"] = row["m"] + 0.15 if row["halting"] else None
-    return {"environment": environment(device, dtype), "config": {**tc.__dict__, "tolerances": list(tolerances)},
+    return {"environment": environment(device, dtype), "config": {**dataclasses.asdict(tc), "tolerances": list(tolerances)},
             "k_max": cfg.k_max, "rows": rows}
 
 
