@@ -12,9 +12,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from parallax.checkpoint import load_run
 from parallax.config import RunConfig
+from parallax.models.output import ModelOutput
 from parallax.train import Trainer, resume_config, train
 from parallax.train.metrics_log import read_metrics
 from parallax.train.trainer import flatten_metrics
@@ -81,6 +84,16 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(parallel, tmp_path, one_r
     resumed = losses(out)
     for step in (STEPS + 1, STEPS + 2):
         assert resumed[step] == pytest.approx(one_rank_batch_16[step], rel=1e-5), step
+
+
+def test_model_output_is_a_pytree_node():
+    """FSDP2 (torch 2.11) finds the tensors of a module's output with tree_flatten and hooks the
+    gradient reduce-scatter on them; hidden in an unregistered dataclass, nothing was reduced and
+    the model never learned on GPUs."""
+    logits, loss, k = torch.randn(2, 3, 5), torch.tensor(1.0), torch.ones(2, 3)
+    leaves, spec = tree_flatten(ModelOutput(logits=logits, loss=loss, diagnostics={"k_used": k}))
+    assert [id(t) for t in leaves] == [id(logits), id(loss), id(k)]
+    assert tree_unflatten(leaves, spec).diagnostics["k_used"] is k
 
 
 def test_cws_with_halting_in_training_does_not_deadlock(tmp_path, one_thread):

@@ -29,6 +29,12 @@ class ModelOutput:
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
+# A pytree node, so code that walks a module's output finds the tensors inside. FSDP2 hooks its
+# gradient reduce-scatter and resharding on them: in torch 2.11, which does not look inside
+# unregistered dataclasses, a model under FSDP2 silently stopped learning.
+torch.export.register_dataclass(ModelOutput, serialized_type_name="parallax.ModelOutput")
+
+
 def token_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> Tensor:
     """Per-token cross-entropy (B, T) in fp32; masked positions are 0."""
     if loss_mask is not None:
