@@ -117,7 +117,10 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
 
         return fully_shard(model, reshard_after_forward=False)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=routed)
+    # gradient_as_bucket_view: gradients live in DDP's communication buckets, not in a second copy
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=routed, gradient_as_bucket_view=True
+    )
 
 
 def gradient_sync(train_model: nn.Module, runtime: Runtime, enabled: bool):

@@ -12,7 +12,6 @@ rank trains on its slice of the global batch and rank 0 alone logs and writes ch
 from __future__ import annotations
 
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -168,8 +167,12 @@ class Trainer:
         return self._cpu_copy
 
     # -- one optimizer step ----------------------------------------------------------------
-    def train_step(self) -> tuple[float, int]:
-        """Run ``grad_accum`` micro-batches and one optimizer step; returns (loss, tokens)."""
+    def train_step(self) -> tuple[torch.Tensor, int]:
+        """Run ``grad_accum`` micro-batches and one optimizer step; returns (loss, tokens).
+
+        The loss stays a device tensor: reading it waits for the GPU, which would stop the host
+        from queueing the next step while this one runs. ``fit`` reads it only when it logs.
+        """
         t = self.cfg.train
         lr = lr_at(self.step, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
         for group in self.optimizer.param_groups:
@@ -187,13 +190,7 @@ class Trainer:
                 (out.loss / t.grad_accum).backward()
             total += out.loss.detach()
             tokens += batch.input_ids.numel()
-        loss = distributed.mean_over_ranks(total / t.grad_accum, self.runtime).item()
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"the loss became {loss} at step {self.step + 1}; training stopped and the last "
-                f"checkpoint was kept as it was (try a lower train.lr or train.grad_clip)"
-            )
+        loss = distributed.mean_over_ranks(total / t.grad_accum, self.runtime)
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
@@ -245,10 +242,18 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         metrics: dict[str, Any] = {}
         try:
+            # the first step whose loss was not finite (0: none), kept on the device like the loss
+            diverged_at = torch.zeros((), dtype=torch.long, device=self.runtime.device)
             while self.step < t.steps:
                 loss, tokens = self.train_step()
+                diverged_at = torch.where((diverged_at == 0) & ~loss.isfinite(), self.step, diverged_at)
                 window_tokens += tokens * self.runtime.world_size
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                last = self.step == t.steps
+                log, evaluate, save = (last or self.step % every == 0 for every in (t.log_every, t.eval_every, t.save_every))
+                if log or evaluate or save:
+                    stop_if_diverged(diverged_at)
+                if log:
+                    loss = loss.item()
                     elapsed = time.perf_counter() - window_start
                     tok_s = window_tokens / max(elapsed, 1e-9)
                     logger.log(self.step, {"train_loss": loss, "train_lr": self.optimizer.param_groups[0]["lr"], "train_tokens_per_s": tok_s})
@@ -257,12 +262,12 @@ class Trainer:
                     window_tokens, window_start = 0, time.perf_counter()
                 if bar is not None:
                     bar.update(1)
-                if self.step % t.eval_every == 0 or self.step == t.steps:
+                if evaluate:
                     metrics = self.evaluate()
                     logger.log(self.step, flatten_metrics(metrics, prefix="val"))
                     if bar is not None:
                         bar.write(format_eval_line(self.step, metrics))
-                if self.step % t.save_every == 0 or self.step == t.steps:
+                if save:
                     self.save()
         finally:
             if bar is not None:
@@ -276,8 +281,24 @@ class Trainer:
             "seconds": seconds,
             "tokens_per_s": trained * t.grad_accum * t.batch_size * self.source.seq_len * self.runtime.world_size / max(seconds, 1e-9),
             "parameters": count_parameters(self.model),
+            "peak_memory_bytes": peak_memory_bytes(self.runtime.device),
             "eval": metrics,
         }
+
+
+def stop_if_diverged(diverged_at: torch.Tensor) -> None:
+    """Raise before anything is logged or saved from weights a non-finite loss has reached."""
+    step = diverged_at.item()
+    if step:
+        raise TrainingDiverged(
+            f"the loss stopped being finite at step {step}; training stopped and the last "
+            f"checkpoint was kept as it was (try a lower train.lr or train.grad_clip)"
+        )
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """This process's peak CUDA memory (what FSDP2 saves over DDP shows here); None on CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

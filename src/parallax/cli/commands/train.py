@@ -88,6 +88,8 @@ def print_summary(summary: dict) -> None:
     print(f"run directory   {summary['run_dir']}")
     print(f"steps           {summary['step']}  ({summary['seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s)")
     print(f"parameters      {summary['parameters']:,}")
+    if summary.get("peak_memory_bytes") is not None:
+        print(f"peak memory     {summary['peak_memory_bytes'] / 2**30:.2f} GiB (this process)")
     if ev:
         print(f"val loss        {ev['loss']:.4f}")
         print(f"token accuracy  {ev['token_accuracy']:.3f}   sequence accuracy {ev['sequence_accuracy']:.3f}")
