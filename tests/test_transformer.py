@@ -1,8 +1,10 @@
+import warnings
+
 import torch
 
 from parallax.config import RunConfig
 from parallax.models import build_model, count_parameters
-from parallax.models.layers import Attention, RotaryEmbedding
+from parallax.models.layers import Attention, RMSNorm, RotaryEmbedding
 
 
 def tiny(**kw):
@@ -34,6 +36,19 @@ def test_kv_cache_under_autocast_is_kept_in_the_autocast_dtype():
     assert {c.k.dtype for c in cache.layers} == {c.v.dtype for c in cache.layers} == {torch.bfloat16}
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=0.05, atol=0.05)  # bf16 rounding only
     assert model.new_cache(2, 16).layers[0].k.dtype == torch.float32  # no autocast: the weights' dtype
+
+
+def test_rmsnorm_on_bf16_input_takes_the_fused_path_and_matches_fp32():
+    """A bf16 input with the fp32 weight made torch warn and fall back to a composite kernel."""
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = norm(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), norm(x), rtol=2e-2, atol=2e-2)
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
