@@ -13,13 +13,17 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from parallax.checkpoint import load_run
 from parallax.config import RunConfig
 from parallax.models.output import ModelOutput
+from parallax.models.transformer import Transformer, TransformerConfig
 from parallax.train import Trainer, resume_config, train
+from parallax.train.distributed import unsharded, wrap_model
 from parallax.train.metrics_log import read_metrics
+from parallax.train.runtime import Runtime
 from parallax.train.trainer import flatten_metrics
 
 TIMEOUT_S = 120  # a deadlocked rank fails the test instead of hanging the suite
@@ -94,6 +98,34 @@ def test_model_output_is_a_pytree_node():
     leaves, spec = tree_flatten(ModelOutput(logits=logits, loss=loss, diagnostics={"k_used": k}))
     assert [id(t) for t in leaves] == [id(logits), id(loss), id(k)]
     assert tree_unflatten(leaves, spec).diagnostics["k_used"] is k
+
+
+def test_fsdp_gathers_each_transformer_block_only_while_it_runs(tmp_path):
+    """Per-block FSDP2 groups: while block 1 runs, block 0's weights are sharded again (the
+    memory of one block's weights, not the model's); evaluation holds them all gathered."""
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = Transformer(TransformerConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=3))
+        wrap_model(model, Runtime(torch.device("cpu"), None, parallel="fsdp"))
+        seen = {}
+
+        def record(name):
+            def hook(module, args):
+                seen[name] = {i: isinstance(b.attn_norm.weight, DTensor) for i, b in enumerate(model.blocks)}
+            return hook
+
+        model.blocks[1].register_forward_pre_hook(record("block 1"))
+        ids = torch.randint(0, 16, (2, 6))
+        model(ids, ids).loss.backward()
+        assert seen["block 1"] == {0: True, 1: False, 2: True}  # only the running block is whole
+        with unsharded(model, Runtime(torch.device("cpu"), None, parallel="fsdp")):
+            model(ids)
+            assert seen["block 1"] == {0: False, 1: False, 2: False}
+        assert all(isinstance(b.attn_norm.weight, DTensor) for b in model.blocks)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_cws_with_halting_in_training_does_not_deadlock(tmp_path, one_thread):

@@ -3,6 +3,9 @@
 Every model is an ``nn.Module`` built from its config dataclass whose
 ``forward(input_ids, targets=None, loss_mask=None)`` returns a ``ModelOutput``. Causal models
 that decode incrementally also provide ``new_cache(batch, max_len)`` and accept ``cache=``.
+Models with layers that run exactly once per forward list them in ``shard_units()``, so FSDP2
+shards and gathers those one at a time (never a layer inside a loop: trip counts can differ
+between ranks).
 Adding a model is adding a module (or sub-package) here that calls ``MODELS.register``.
 """
 

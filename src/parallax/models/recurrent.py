@@ -164,6 +164,11 @@ class RecurrentDepthTransformer(nn.Module):
             s = block(s, caches[i] if caches is not None else None)
         return self.state_norm(s)
 
+    def shard_units(self) -> list[nn.Module]:
+        """Prelude and coda blocks run once per forward: FSDP2 gathers their weights one at a
+        time. The core, iterated r times, stays with the root's weights."""
+        return [*self.prelude, *self.coda]
+
     def forward(
         self,
         input_ids: Tensor,

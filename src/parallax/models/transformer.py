@@ -72,6 +72,10 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> TransformerCache:
         return TransformerCache(self, batch, max_len)
 
+    def shard_units(self) -> list[nn.Module]:
+        """Blocks that run once per forward: FSDP2 gathers their weights one at a time."""
+        return list(self.blocks)
+
     def forward(
         self,
         input_ids: Tensor,

@@ -97,12 +97,14 @@ def from_rank0(value: Any, runtime: Runtime) -> Any:
 def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     """The module to train: ``model`` itself, its DDP wrapper, or ``model`` sharded in place.
 
-    FSDP2 shards the whole model as one group: its parameters are gathered once per forward
-    and backward, never inside a model's own loops, whose trip count differs between ranks
-    (CWS halting, the recurrent depth). A forward leaves them gathered (FSDP2's default for a
-    root module, made explicit because ``unsharded`` relies on it). Routed MoE experts can go
-    unused on a rank, which DDP must be told about and FSDP2 cannot reduce; every other model
-    uses all its parameters in each step.
+    FSDP2 shards each of the model's ``shard_units()`` (layers that run once per forward, e.g.
+    the transformer's blocks) as its own group, gathered just before the layer runs and freed
+    after it, and the rest of the model as one root group, gathered once per forward and
+    backward and never inside a model's own loops, whose trip count differs between ranks (CWS
+    halting, the recurrent depth). A forward leaves the root's weights gathered (FSDP2's
+    default for a root module, made explicit). Routed MoE experts can go unused on a rank,
+    which DDP must be told about and FSDP2 cannot reduce; every other model uses all its
+    parameters in each step.
     """
     if runtime.parallel == "none":
         return model
@@ -115,6 +117,8 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
             )
         from torch.distributed.fsdp import fully_shard
 
+        for unit in getattr(model, "shard_units", list)():
+            fully_shard(unit)
         return fully_shard(model, reshard_after_forward=False)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # gradient_as_bucket_view: gradients live in DDP's communication buckets, not in a second copy
@@ -157,11 +161,18 @@ def unsharded(model: nn.Module, runtime: Runtime) -> Iterator[None]:
     if runtime.parallel != "fsdp":
         yield
         return
-    model.unshard()
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for group in groups:
+        group.set_reshard_after_forward(False, recurse=False)
+        group.unshard()
     try:
         yield
     finally:
-        model.reshard()
+        for group in groups:
+            group.reshard()
+            group.set_reshard_after_forward(group is not model, recurse=False)
 
 
 def gather_records(share: TokenRecords | None, batches: int, runtime: Runtime) -> TokenRecords:
