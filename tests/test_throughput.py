@@ -99,3 +99,24 @@ def test_halting_bench_times_every_loop_at_the_same_mean_k(tmp_path, capsys):
         assert compact["bound"] == pytest.approx(compact["m"] + 0.15)
     assert halting[-1]["mean_k"] < halting[0]["mean_k"] <= 24  # a looser tolerance halts sooner
     assert "m+0.15" in capsys.readouterr().out
+
+
+def test_multi_gpu_summary_reads_a_training_run(tmp_path, tiny_sort_overrides):
+    """benchmarks/multi_gpu_summary.py: tokens/s from the logged windows, the loss curve, memory."""
+    import importlib.util
+    from pathlib import Path
+
+    from parallax.config import RunConfig
+    from parallax.train import train
+
+    run_dir = tmp_path / "transformer" / "1gpu_b8"
+    summary = train(RunConfig.from_dict({}, tiny_sort_overrides + ["train.steps=5", "train.log_every=1"]), run_dir)
+    run_dir.with_suffix(".train.json").write_text(json.dumps(summary))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multi_gpu_summary.py"
+    spec = importlib.util.spec_from_file_location("multi_gpu_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    got = module.summarise(run_dir)
+    assert sorted(got["train_loss"]) == [1, 2, 3, 4, 5]
+    assert got["tokens_per_s"] > 0 and got["peak_memory_gib"] == 0  # no CUDA memory on CPU
+    assert got["parameters"] == summary["parameters"]
