@@ -39,6 +39,18 @@ def test_test_time_iterations_change_compute_and_output():
     torch.testing.assert_close(model(b.input_ids, iterations=7).logits, seven.logits)
 
 
+@pytest.mark.parametrize("backprop_depth, supervised", [(0, [1, 2, 3]), (2, [2, 3])])
+def test_supervising_iterations_averages_the_loss_of_each_live_iteration(backprop_depth, supervised):
+    """The prediction after live iteration i is the model's output at r = i."""
+    b = batch()
+    model = tiny(supervise_iterations=True, backprop_depth=backprop_depth).train()
+    got = model(b.input_ids, b.targets, b.loss_mask, iterations=3).loss
+    model.config.supervise_iterations = False
+    each = [model(b.input_ids, b.targets, b.loss_mask, iterations=r).loss for r in supervised]
+    torch.testing.assert_close(got, torch.stack(each).mean())
+    assert not torch.allclose(got, each[-1])
+
+
 @pytest.mark.parametrize("reground", ["adapter", "add", "none"])
 def test_regrounding_modes_train(reground):
     model, b = tiny(reground=reground, window=3, moe_experts=4), batch()

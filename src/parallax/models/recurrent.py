@@ -70,6 +70,8 @@ class RecurrentConfig(ModelConfig):
     iteration_sigma: float = 0.5
     backprop_depth: int = 2  # the last iterations trained with gradient; 0: all of them (memory grows with r)
     test_iterations: int = 4
+    # train the prediction decoded after every live iteration, not only the last one
+    supervise_iterations: bool = False
     tie_embeddings: bool = True
 
     def validate(self) -> None:
@@ -164,10 +166,17 @@ class RecurrentDepthTransformer(nn.Module):
             s = block(s, caches[i] if caches is not None else None)
         return self.state_norm(s)
 
+    def decode(self, s: Tensor, cache: RecurrentCache | None = None) -> Tensor:
+        """Logits from a core state: the coda, the final norm and the LM head."""
+        for i, block in enumerate(self.coda):
+            s = block(s, cache.coda[i] if cache is not None else None)
+        return self.lm_head(self.norm(s))
+
     def shard_units(self) -> list[nn.Module]:
         """Prelude and coda blocks run once per forward: FSDP2 gathers their weights one at a
-        time. The core, iterated r times, stays with the root's weights."""
-        return [*self.prelude, *self.coda]
+        time. The core, iterated r times, stays with the root's weights, and so does the coda
+        when every iteration is decoded."""
+        return [*self.prelude] + ([] if self.config.supervise_iterations else [*self.coda])
 
     def forward(
         self,
@@ -198,20 +207,22 @@ class RecurrentDepthTransformer(nn.Module):
             e = block(e, cache.prelude[i] if cache is not None else None)
         collect_aux()
         s = e if cfg.reground == "none" else torch.zeros_like(e)
-        residuals = []
+        residuals, early_losses = [], []
+        supervise_early = cfg.supervise_iterations and self.training and targets is not None
         for i in range(r):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= r - live):
                 new = self.core_step(s, e, cache.core[i] if cache is not None else None)
             residuals.append(relative_residual(new, s))
             s = new
             collect_aux()
-        for i, block in enumerate(self.coda):
-            s = block(s, cache.coda[i] if cache is not None else None)
+            if supervise_early and r - live <= i < r - 1:
+                early_losses.append(lm_loss(self.decode(s), targets, loss_mask))
+                collect_aux()
+        logits = self.decode(s, cache)
         collect_aux()
-        logits = self.lm_head(self.norm(s))
         loss = None
         if targets is not None:
-            loss = lm_loss(logits, targets, loss_mask)
+            loss = torch.stack([*early_losses, lm_loss(logits, targets, loss_mask)]).mean()
             if aux:
                 loss = loss + cfg.moe_aux_weight * torch.stack(aux).mean()
         b, t = input_ids.shape
