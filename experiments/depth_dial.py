@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--backprop-depth", type=int, default=2, help="recurrent: iterations trained with gradient (0: all)")
     p.add_argument("--sampling", default="poisson_lognormal", choices=["poisson_lognormal", "uniform", "fixed"],
                    help="recurrent: how r is drawn per training step (fixed: --train-iterations)")
+    p.add_argument("--supervise-iterations", action="store_true",
+                   help="recurrent: train the prediction after every live iteration, not only the last")
     p.add_argument("--iterations", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--transformer-layers", type=int, default=4, help="baseline depth (16 on a GPU; 4 keeps the CPU run short)")
     args = p.parse_args()
@@ -68,7 +70,7 @@ def main() -> None:
     heads = max(1, args.dim // 32)
     recurrent = {"name": "recurrent", "d_model": args.dim, "n_heads": heads, "mean_iterations": args.train_iterations,
                  "max_iterations": 4 * args.train_iterations, "backprop_depth": args.backprop_depth,
-                 "iterations": args.sampling}
+                 "iterations": args.sampling, "supervise_iterations": args.supervise_iterations}
     transformer = {"name": "transformer", "d_model": args.dim, "n_heads": heads, "n_layers": args.transformer_layers}
 
     results = {"config": vars(args) | {"out": str(args.out)}, "recurrent": {"by_iterations": []}, "transformer": {}}
