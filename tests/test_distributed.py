@@ -124,6 +124,8 @@ def test_fsdp_gathers_each_transformer_block_only_while_it_runs(tmp_path):
             model(ids)
             assert seen["block 1"] == {0: False, 1: False, 2: False}
         assert all(isinstance(b.attn_norm.weight, DTensor) for b in model.blocks)
+        model(ids, ids).loss.backward()  # training after the block gathers per block again
+        assert seen["block 1"] == {0: True, 1: False, 2: True}
     finally:
         dist.destroy_process_group()
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from parallax.checkpoint import load_run
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY = ["--steps", "3", "--dim", "32", "--batch", "8", "--eval-batches", "1", "--device", "cpu"]
 
@@ -26,6 +28,7 @@ def test_depth_dial(tmp_path, task):
               "--transformer-layers", "1", "--iterations", "1", "3", "--sampling", "uniform",
               "--backprop-depth", "0", "--supervise-iterations")
     assert [p["iterations"] for p in res["recurrent"]["by_iterations"]] == [1, 3]
+    assert load_run(tmp_path / "runs" / "recurrent").model.config.supervise_iterations  # the flag reached the model
     for point in res["recurrent"]["by_iterations"]:
         assert 0 <= point["out_of_distribution"]["token_accuracy"] <= 1
     assert res["transformer"]["parameters"] > 0

@@ -81,3 +81,23 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     with pytest.raises(TrainingDiverged, match="at step 4"):
         trainer.fit()
     assert load_run(out).step == 2
+
+
+def test_divergence_between_logs_names_its_step_and_keeps_the_earlier_checkpoint(tmp_path, tiny_sort_overrides):
+    """The loss is read only at log steps; a NaN at step 6 is still reported as step 6, before
+    the step-8 checkpoint is written over good weights, and the step-4 checkpoint survives."""
+    out = tmp_path / "run"
+    over = tiny_sort_overrides + ["train.steps=12", "train.log_every=5", "train.save_every=4"]
+    trainer = Trainer(RunConfig.from_dict({}, over), out)
+    real_forward = trainer.forward_model
+
+    def poisoned(*args, **kwargs):
+        result = real_forward(*args, **kwargs)
+        if trainer.step >= 5:  # the step being taken is trainer.step + 1
+            result.loss = result.loss * float("nan")
+        return result
+
+    trainer.forward_model = poisoned
+    with pytest.raises(TrainingDiverged, match="at step 6"):
+        trainer.fit()
+    assert load_run(out).step == 4

@@ -120,3 +120,6 @@ def test_multi_gpu_summary_reads_a_training_run(tmp_path, tiny_sort_overrides):
     assert sorted(got["train_loss"]) == [1, 2, 3, 4, 5]
     assert got["tokens_per_s"] > 0 and got["peak_memory_gib"] == 0  # no CUDA memory on CPU
     assert got["parameters"] == summary["parameters"]
+    (tmp_path / "transformer" / "2gpu_b4.train.json").write_text("")  # a run that crashed
+    runs, failed = module.collect(tmp_path)
+    assert list(runs) == ["transformer/1gpu_b8"] and failed == ["transformer/2gpu_b4"]

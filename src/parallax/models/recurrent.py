@@ -72,7 +72,8 @@ class RecurrentConfig(ModelConfig):
     iteration_sigma: float = 0.5
     backprop_depth: int = 2  # the last iterations trained with gradient; 0: all of them (memory grows with r)
     test_iterations: int = 4
-    # train the prediction decoded after every live iteration, not only the last one
+    # train the prediction decoded after every live iteration, not only the last one; the
+    # train loss is then their mean and is not comparable with the (last-iteration) val loss
     supervise_iterations: bool = False
     tie_embeddings: bool = True
 
@@ -177,7 +178,7 @@ class RecurrentDepthTransformer(nn.Module):
     def shard_units(self) -> list[nn.Module]:
         """Prelude and coda blocks run once per forward: FSDP2 gathers their weights one at a
         time. The core, iterated r times, stays with the root's weights, and so does the coda
-        when every iteration is decoded."""
+        when it decodes every live iteration (``supervise_iterations``, training with targets)."""
         return [*self.prelude] + ([] if self.config.supervise_iterations else [*self.coda])
 
     def forward(

@@ -164,10 +164,10 @@ def unsharded(model: nn.Module, runtime: Runtime) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for group in groups:
-        group.set_reshard_after_forward(False, recurse=False)
-        group.unshard()
     try:
+        for group in groups:
+            group.set_reshard_after_forward(False, recurse=False)
+            group.unshard()
         yield
     finally:
         for group in groups:

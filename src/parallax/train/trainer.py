@@ -287,7 +287,11 @@ class Trainer:
 
 
 def stop_if_diverged(diverged_at: torch.Tensor) -> None:
-    """Raise before anything is logged or saved from weights a non-finite loss has reached."""
+    """Raise before anything is logged or saved from weights a non-finite loss has reached.
+
+    The in-memory model and optimizer state already hold the non-finite values by then: only
+    the checkpoints on disk are good, so resume from the last one rather than reuse the model.
+    """
     step = diverged_at.item()
     if step:
         raise TrainingDiverged(

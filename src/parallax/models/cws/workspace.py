@@ -71,11 +71,6 @@ class Workspace(nn.Module):
 
 
 
-@functools.cache
-def _compiled_workspace_step():
-    return torch.compile(Workspace.step)
-
-
 def compiled_step(workspace: Workspace, working_set: bool = False):
     """``workspace.step`` through ``torch.compile`` (inductor, default mode).
 
