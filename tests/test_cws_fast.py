@@ -1,10 +1,12 @@
-"""The CWS fast paths against their plain twins: the compact halting loop against the
-reference loop, and the compiled workspace step against the eager one."""
+"""The CWS fast paths against their plain twins: the absorbed read against the projected one,
+the compact halting loop against the reference loop, and the compiled workspace step against
+the eager one."""
 
 import math
 
 import pytest
 import torch
+from torch import Tensor
 from torch._dynamo.utils import counters
 
 from parallax.models import build_model
@@ -142,6 +144,89 @@ def test_compact_loop_equals_reference_in_training_with_halting(live_steps, sele
     assert fast_grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------- absorbed read
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def random_step_inputs(model, batch=3, length=16, seed=0):
+    """A state and cum far from the start (random, not zeros) and a real token context."""
+    g = torch.Generator().manual_seed(seed)
+    d, heads = model.config.d_model, model.config.n_heads
+    device = next(model.parameters()).device
+    h = torch.randn(batch, length, d, generator=g).to(device)
+    cum = (1 + torch.randn(batch, length, heads, model.pool.total_slots, generator=g)).to(device)
+    with torch.no_grad():
+        context = model.pool.token_clocked(model.embed(tokens(batch, length, seed).to(device)), 0, None)
+    return h, cum, context
+
+
+def step_with(model, read, h, cum, context):
+    model.config.read = read
+    with torch.no_grad():
+        return model.workspace.step(h, cum, model.pool, context)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_absorbed_read_equals_projected_read_in_fp32(pool, heads):
+    model = tiny_model(n_heads=heads, **POOLS[pool]).eval()
+    inputs = random_step_inputs(model)
+    absorbed = step_with(model, "absorbed", *inputs)
+    projected = step_with(model, "projected", *inputs)
+    for name, a, p in zip(("h", "cum", "raw"), absorbed, projected):
+        assert relative_error(a, p) < 2e-6, name
+    assert relative_error(absorbed[0], inputs[0]) > 0.1  # the step did move h
+
+
+def test_absorbed_read_on_a_working_set_equals_the_full_grid():
+    """The compact loop's (1, N) rows through the absorbed read: the grid's values at those rows."""
+    model = tiny_model().eval()
+    model.config.read = "absorbed"
+    h, cum, context = random_step_inputs(model)
+    rows = torch.tensor([0, 5, 17, 30, 47])
+    full = step_with(model, "absorbed", h, cum, context)
+    subset = step_with(model, "absorbed", h.flatten(0, 1)[rows][None], cum.flatten(0, 1)[rows][None], context.select(rows))
+    for f, s in zip(full, subset):
+        torch.testing.assert_close(s[0], f.flatten(0, 1)[rows], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_absorbed_read_in_bf16_stays_within_one_percent(device):
+    """Under bf16 autocast both reads round; each stays within 1e-2 of the fp32 value."""
+    model = tiny_model(d_model=64, n_heads=4, mlp_hidden=64, siren_hidden=64, probe_head_dim=16).eval().to(device)
+    inputs = random_step_inputs(model, batch=4, length=32)
+    exact = step_with(model, "projected", *inputs)
+    for read in ("absorbed", "projected"):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            rounded = step_with(model, read, *inputs)
+        assert rounded[0].dtype == torch.bfloat16  # the products did run in bf16
+        for name, r, e in zip(("h", "cum", "raw"), rounded, exact):
+            assert relative_error(r, e) < 1e-2, (read, name)
+
+
+@pytest.mark.parametrize("live_steps", [1, 2])
+def test_absorbed_read_trains_like_the_projected_read(live_steps):
+    """A training step at K = 6: same loss, logits and every parameter's gradient."""
+    ids = tokens()
+    results = {}
+    for read in ("projected", "absorbed"):
+        model = tiny_model(k_max=6, halting=False, live_steps=live_steps, read=read).train()
+        out = model(ids, targets=ids)
+        out.loss.backward()
+        results[read] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (fast, fast_grads), (ref, ref_grads) = results["absorbed"], results["projected"]
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert fast_grads.keys() == ref_grads.keys() and "workspace.k_proj.weight" in ref_grads
+    for name in ref_grads:
+        assert relative_error(fast_grads[name], ref_grads[name]) < 1e-4, name
 
 
 # ---------------------------------------------------------------- compiled workspace step

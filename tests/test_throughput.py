@@ -1,5 +1,6 @@
 """The throughput benchmark: its FLOP counts against torch's counter, and the CLI end to end on CPU."""
 
+import dataclasses
 import json
 
 import pytest
@@ -32,9 +33,9 @@ def counted_flops(model, ids, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name", DEFAULT_MODELS)
-def test_flop_count_matches_torch_counter(name):
-    cfg = matched_configs(TINY)[name]
+@pytest.mark.parametrize("name, extra", [(name, ()) for name in DEFAULT_MODELS] + [("cws", ("cws.read=projected",))])
+def test_flop_count_matches_torch_counter(name, extra):
+    cfg = matched_configs(dataclasses.replace(TINY, overrides=TINY.overrides + extra))[name]
     torch.manual_seed(0)
     model = build_model(cfg).train()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1))

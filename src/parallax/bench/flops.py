@@ -124,6 +124,10 @@ def cws_iteration(cfg, batch: int, seq: int) -> float:
             h = cfg.siren_hidden
             total += linear(n, d, h) + linear(n, h, h) + linear(n, h, slots * d)
     n_slots = sum(cfg.slots)
+    if cfg.read == "absorbed":
+        # q and o projections; W_k into the query and W_v after the read, once per token; raw
+        # scores and the weighted sum, per head against the d-wide slots
+        return total + 4 * linear(n, d, d) + 2 * 2.0 * n * cfg.n_heads * n_slots * d
     # q and o projections of h; k and v of every slot; raw scores and the weighted read
     return total + 2 * linear(n, d, d) + 2 * linear(n * n_slots, d, d) + 2 * 2.0 * n * n_slots * d
 

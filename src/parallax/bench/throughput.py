@@ -41,6 +41,7 @@ from parallax.config import ModelConfig, build_run_config
 from parallax.errors import ConfigError
 from parallax.generation import generate_batch
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_MODELS = ("transformer", "swap", "recurrent", "eam", "cws")
 MATMUL_SIZE = {"cuda": 8192, "cpu": 256}  # the CPU sizes only keep tests quick
 COPY_BYTES = {"cuda": 2**30, "cpu": 2**24}
@@ -63,6 +64,7 @@ class ThroughputConfig:
     gen_tokens: int = 128
     gen_repeats: int = 3
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" adds CUDA graphs
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"
     overrides: tuple[str, ...] = field(default_factory=tuple)
@@ -75,6 +77,8 @@ class ThroughputConfig:
             raise ConfigError(
                 f"prompt ({self.prompt}) + gen tokens ({self.gen_tokens}) must fit in --seq ({self.seq})"
             )
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
@@ -191,7 +195,7 @@ def measure_training(
     batches = [torch.randint(0, tc.vocab, (tc.batch, tc.seq + 1), device=device, generator=generator)
                for _ in range(2)]  # two, alternated, so no step reuses the previous one's inputs
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    forward = torch.compile(model) if tc.compile else model
+    forward = torch.compile(model, mode=tc.compile_mode) if tc.compile else model
     model.train()
     step_index = 0
 

@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
     memory.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     memory.set_defaults(action_handler=run_memory)
 
-    from parallax.bench.throughput import DEFAULT_MODELS, ThroughputConfig
+    from parallax.bench.throughput import COMPILE_MODES, DEFAULT_MODELS, ThroughputConfig
 
     d = ThroughputConfig()
     tp = actions.add_parser("throughput", help="training and inference speed of every model, beside the device ceilings")
@@ -53,6 +53,8 @@ def add_arguments(parser) -> None:
     tp.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="new tokens per generation")
     tp.add_argument("--gen-repeats", type=int, default=d.gen_repeats, help="timed generations (median reported)")
     tp.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    tp.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs of the step)")
     tp.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
     tp.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
@@ -124,7 +126,7 @@ def run_throughput(args) -> int:
         models=tuple(args.models), dim=args.dim, seq=args.seq, batch=args.batch, vocab=args.vocab,
         warmup=args.warmup, steps=args.steps, gen_batches=tuple(args.gen_batches), prompt=args.prompt,
         gen_tokens=args.gen_tokens, gen_repeats=args.gen_repeats, compile=args.compile,
-        precision=args.precision, device=args.device, overrides=tuple(args.overrides),
+        compile_mode=args.compile_mode, precision=args.precision, device=args.device, overrides=tuple(args.overrides),
     )
     report = measure(tc, args.json)
     print(format_table(report))

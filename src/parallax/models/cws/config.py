@@ -2,7 +2,7 @@
 
 The expert pool is configuration: ``experts`` names the experts and ``slots`` gives how many
 slots (proposals per token) each contributes, so a Mamba-only or attention-only pool is one
-line. ``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``loop`` and
+line. ``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``loop``, ``read`` and
 ``compile_step`` are read at every forward call, so evaluation may change them on a built
 model (compute-quality curves).
 """
@@ -17,6 +17,7 @@ EXPERT_NAMES = ("ssm", "attention", "mlp", "siren")
 PROBE_KEY_SOURCES = ("ssm", "shift", "tokens")
 HALT_RULES = ("first", "second")
 LOOPS = ("compact", "reference")
+READS = ("absorbed", "projected")
 MAX_DECODER_WINDOW = 16
 
 
@@ -55,6 +56,11 @@ class CWSConfig(ModelConfig):
     # active, so halting saves work; "reference" iterates all and masks the halted (the plain
     # twin it is tested against). Results agree to float rounding.
     loop: str = "compact"
+    # how an iteration reads the pool (workspace.py): "projected" computes K and V of every slot,
+    # as the pseudo-code says; "absorbed" folds W_k into the query and W_v after the weighted
+    # sum, the same values for 2 instead of 2 S d x d products per token (the plain twin is
+    # "projected")
+    read: str = "absorbed"
     compile_step: bool = False  # torch.compile the no-grad workspace iterations (working set: dynamic shapes)
     # motor decoder
     decoder_window: int = 16
@@ -106,6 +112,8 @@ class CWSConfig(ModelConfig):
             raise ValueError(f"halt_rule must be one of {', '.join(HALT_RULES)}, got {self.halt_rule!r}")
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
+        if self.read not in READS:
+            raise ValueError(f"read must be one of {', '.join(READS)}, got {self.read!r}")
         if self.halt_tol <= 0:
             raise ValueError(f"halt_tol must be > 0, got {self.halt_tol}")
         if not 1 <= self.decoder_window <= MAX_DECODER_WINDOW:

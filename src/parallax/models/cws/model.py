@@ -6,9 +6,9 @@ Forward pass over input_ids (B, T):
 2. settle the workspace for every position (``settle``), halting per token;
 3. the motor decoder reads the settled states; the LM head is tied to the embedding.
 
-``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``live_steps``, ``loop`` and
-``compile_step`` are read from ``self.config`` at each call, so a built model can be evaluated
-at several K.
+``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``live_steps``, ``loop``,
+``read`` and ``compile_step`` are read from ``self.config`` at each call, so a built model can
+be evaluated at several K.
 Diagnostics: ``k_used`` (B, T) and ``settle_trace`` (B, T, k_max), see ``halting``.
 """
 
@@ -47,7 +47,7 @@ class CWS(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pool = ExpertPool(cfg)
-        self.workspace = Workspace(cfg.d_model, cfg.n_heads, cfg.decay, cfg.base, cfg.norm_eps)
+        self.workspace = Workspace(cfg)
         self.decoder = MotorDecoder(
             cfg.d_model, cfg.decoder_heads, cfg.decoder_window, cfg.rope_base, cfg.norm_eps
         )

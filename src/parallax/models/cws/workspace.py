@@ -9,6 +9,11 @@
     weights = log1p(silu(cum)) / ln(base)                         # no softmax over slots
     h      <- O_proj(sum_s weights_s * v_s)
 
+``CWSConfig.read = "projected"`` runs exactly this; the default ``"absorbed"`` computes the
+same raw and read without K(pool) and V(pool) (see ``Workspace._absorbed``), which at S slots
+saves 2 (S - 1) of the iteration's d x d products per token and the (B, T, S, d) keys and values
+it would write and read back.
+
 Shapes: h (B, T, d); cum and raw (B, T, H, S). Nothing here knows a slot's index or a
 token's position, so the workspace is permutation-invariant over slots; order enters only
 through the experts.
@@ -32,17 +37,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from parallax.models.cws.config import CWSConfig
 from parallax.models.cws.pool import ExpertPool, TokenContext
 from parallax.models.layers import RMSNorm
 
 
 class Workspace(nn.Module):
-    def __init__(self, dim: int, n_heads: int, decay: float, base: float, norm_eps: float):
+    def __init__(self, cfg: CWSConfig):
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.decay, self.base = decay, base
-        self.h_norm = RMSNorm(dim, norm_eps)
-        self.pool_norm = RMSNorm(dim, norm_eps)
+        dim = cfg.d_model
+        self.config = cfg  # ``read`` is looked up at every step, like the loop's other knobs
+        self.n_heads, self.head_dim = cfg.n_heads, dim // cfg.n_heads
+        self.decay, self.base = cfg.decay, cfg.base
+        self.h_norm = RMSNorm(dim, cfg.norm_eps)
+        self.pool_norm = RMSNorm(dim, cfg.norm_eps)
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
@@ -57,18 +65,38 @@ class Workspace(nn.Module):
         self, h: Tensor, cum: Tensor, pool: ExpertPool, context: TokenContext
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One iteration: returns (h_next (B, T, d), cum_next (B, T, H, S), raw (B, T, H, S))."""
-        b, t, _ = h.shape
         h_eff = self.h_norm(h)
         slots = self.pool_norm(pool(h_eff, context))  # (B, T, S, d)
-        q = self.q_proj(h_eff).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(slots).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, S, H, dh)
-        v = self.v_proj(slots).unflatten(-1, (self.n_heads, self.head_dim))
-        raw = torch.einsum("bthd,btshd->bths", q, k) / math.sqrt(self.head_dim)
+        q = self.q_proj(h_eff).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, dh)
+        if self.config.read == "absorbed":
+            raw, read_of = self._absorbed(q, slots)
+        else:
+            raw, read_of = self._projected(q, slots)
         cum = self.decay * cum + (1.0 - self.decay) + raw
         weights = torch.log1p(F.silu(cum)) / math.log(self.base)
-        read = torch.einsum("bths,btshd->bthd", weights, v).reshape(b, t, -1)
-        return self.o_proj(read), cum, raw
+        return self.o_proj(read_of(weights).flatten(-2)), cum, raw
 
+    def _projected(self, q: Tensor, slots: Tensor):
+        """The pseudo-code as written: K and V of every slot, (B, T, S, H, dh) each."""
+        k = self.k_proj(slots).unflatten(-1, (self.n_heads, self.head_dim))
+        v = self.v_proj(slots).unflatten(-1, (self.n_heads, self.head_dim))
+        raw = torch.einsum("bthe,btshe->bths", q, k) / math.sqrt(self.head_dim)
+        return raw, lambda weights: torch.einsum("bths,btshe->bthe", weights, v)
+
+    def _absorbed(self, q: Tensor, slots: Tensor):
+        """The same scores and read with W_k and W_v moved off the slots.
+
+        q_h . (W_k,h s) = (W_k,h^T q_h) . s and sum_s w_s W_v,h s = W_v,h (sum_s w_s s): each
+        token pays two d x d products per iteration instead of 2 S of them, and no (S, d) keys or
+        values are written. Exact in real arithmetic; it rounds differently.
+        """
+        w_k = self.k_proj.weight.unflatten(0, (self.n_heads, self.head_dim))  # (H, dh, d)
+        w_v = self.v_proj.weight.unflatten(0, (self.n_heads, self.head_dim))
+        q_in_slot_space = torch.einsum("bthe,hed->bthd", q, w_k)  # (B, T, H, d)
+        raw = torch.einsum("bthd,btsd->bths", q_in_slot_space, slots) / math.sqrt(self.head_dim)
+        return raw, lambda weights: torch.einsum(
+            "bthd,hed->bthe", torch.einsum("bths,btsd->bthd", weights, slots), w_v
+        )
 
 
 def compiled_step(workspace: Workspace, working_set: bool = False):
