@@ -273,6 +273,100 @@ def test_compiled_compact_loop_equals_reference(inductor, selects):
     assert graphs[1] == graphs[-1] <= 4, graphs  # no new graph for new sizes after the second call
 
 
+# ---------------------------------------------------------------- CUDA-graph replay
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+
+
+def halting_off_settle(model, ids, cuda_graph, **knobs):
+    """Evaluation with halting off, as the model runs it (autocast as the caller set it)."""
+    model.config.cuda_graph = cuda_graph
+    with torch.no_grad():
+        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        args = dict(k_max=model.config.k_max, k_min=1, halting=False, rule="first", tol=0.1, live_steps=0,
+                    loop="reference", cuda_graph=cuda_graph)
+        args.update(knobs)
+        return settle(model.workspace, model.pool, context, **args)
+
+
+def test_cuda_graph_is_the_plain_loop_where_it_cannot_capture():
+    """On CPU (and in incremental decoding) the option runs the plain loop: same results."""
+    model = tiny_model(k_max=5).eval()
+    ids = tokens()
+    assert_same_settling(halting_off_settle(model, ids, True), halting_off_settle(model, ids, False))
+
+
+@cuda_only
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_cuda_graph_replays_equal_the_loop_for_new_inputs_and_new_weights(compile_step, inductor):
+    """Each replay reads this call's inputs and the weights as they are now (bf16 autocast: a
+    weight cast cached at capture time would show up after the update)."""
+    from parallax.models.cws import graphed
+
+    model = tiny_model(k_max=6, halting=False).eval().cuda()
+    for seed, update in ((0, False), (1, False), (2, True)):
+        if update:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.05).add_(0.01)  # in place, as an optimizer step
+        ids = tokens(seed=seed).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            plain = halting_off_settle(model, ids, False, compile_step=compile_step)
+            replayed = halting_off_settle(model, ids, True, compile_step=compile_step)
+        torch.testing.assert_close(replayed.h, plain.h, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(replayed.trace, plain.trace, rtol=2e-2, atol=2e-2, equal_nan=True)
+        assert torch.equal(replayed.k_used, plain.k_used)
+    assert len(graphed._graphs[model.workspace]) == 1  # one capture served all three calls
+
+
+@cuda_only
+def test_cuda_graph_training_step_matches_the_loop():
+    """Training, halting off, live_steps 2: the graph replays iterations 1..K-2, the live
+    steps run after it with gradient: same loss and gradients."""
+    ids = tokens().cuda()
+    results = {}
+    for cuda_graph in (False, True):
+        model = tiny_model(k_max=6, halting=False, live_steps=2, cuda_graph=cuda_graph).train().cuda()
+        for _ in range(2):  # the second call replays the graph captured in the first
+            model.zero_grad()
+            out = model(ids, targets=ids)
+            out.loss.backward()
+        results[cuda_graph] = out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (loss, grads), (ref_loss, ref_grads) = results[True], results[False]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@cuda_only
+def test_cuda_graph_training_memory_does_not_grow_with_k():
+    peaks = []
+    for k_max in (4, 16):
+        model = tiny_model(k_max=k_max, halting=False, cuda_graph=True).train().cuda()
+        ids = tokens(batch=8, length=32).cuda()
+        model(ids, targets=ids).loss.backward()  # captures
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(ids, targets=ids).loss.backward()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    assert peaks[1] <= 1.05 * peaks[0], peaks
+
+
+@cuda_only
+def test_cuda_graph_is_recaptured_for_new_weights_tensors():
+    """``model.to(...)`` makes new weight tensors: a stale graph would read freed memory."""
+    from parallax.models.cws import graphed
+
+    model = tiny_model(k_max=4, halting=False).eval().cuda()
+    ids = tokens().cuda()
+    halting_off_settle(model, ids, True)
+    model.double().float()  # new parameter tensors, same values
+    replayed = halting_off_settle(model, ids, True)
+    assert len(graphed._graphs[model.workspace]) == 2
+    assert_same_settling(replayed, halting_off_settle(model, ids, False))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA (pinned memory and events)"))])
 def test_lagged_count_returns_the_previous_count(device):

@@ -5,7 +5,8 @@ take at most about (m + 0.15) of its time with halting off. This measures exactl
 phase (``settle`` with no gradient, as in evaluation and generation, and as the no-grad pass
 of ``halt_in_training``), after the token-clocked experts, which run once either way:
 
-* halting off: every token runs k_max iterations (eager, and with ``compile_step``);
+* halting off: every token runs k_max iterations (eager, and with ``compile_step``; on CUDA
+  also each replayed from a CUDA graph, ``cuda_graph``);
 * halting on, at each tolerance: the ``reference`` loop (masks; halting skips no work) and
   the ``compact`` loop (only the tokens still running), eager and with ``compile_step``, with
   the mean K reached. "vs off" compares each with halting off run the same way (eager or
@@ -37,11 +38,12 @@ from parallax.models.cws.settle import settle
 DEFAULT_TOLERANCES = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
-def _settle_call(model, context, *, halting: bool, tol: float, loop: str, compile_step: bool):
+def _settle_call(model, context, *, halting: bool, tol: float, loop: str, compile_step: bool,
+                 cuda_graph: bool = False):
     cfg = model.config
     return lambda: settle(
         model.workspace, model.pool, context, k_max=cfg.k_max, k_min=cfg.k_min, halting=halting,
-        rule=cfg.halt_rule, tol=tol, live_steps=0, loop=loop, compile_step=compile_step,
+        rule=cfg.halt_rule, tol=tol, live_steps=0, loop=loop, compile_step=compile_step, cuda_graph=cuda_graph,
     )
 
 
@@ -68,19 +70,24 @@ def run_halting(
                "m": mean_k / cfg.k_max}
         rows.append(row)
         log(f"halting={setting['halting']!s:5} tol={setting['tol']:<5} loop={setting['loop']:9} "
-            f"compile_step={setting['compile_step']!s:5} {row['ms']:8.2f} ms  mean K {mean_k:5.2f}")
+            f"compile_step={setting['compile_step']!s:5} cuda_graph={setting.get('cuda_graph', False)!s:5} "
+            f"{row['ms']:8.2f} ms  mean K {mean_k:5.2f}")
         return row
 
     with torch.no_grad(), _autocast(device, dtype):
         context = model.pool.token_clocked(model.embed(ids), 0, None)
         off = measure(halting=False, tol=0.0, loop="reference", compile_step=False)
         off_compiled = measure(halting=False, tol=0.0, loop="reference", compile_step=True) if compile_step else off
+        if device.type == "cuda":  # the halting-off loop replayed from a CUDA graph
+            for compiled in sorted({False, compile_step}):
+                measure(halting=False, tol=0.0, loop="reference", compile_step=compiled, cuda_graph=True)
         for tol in tolerances:
             for loop in ("reference", "compact"):
                 measure(halting=True, tol=tol, loop=loop, compile_step=False)
             if compile_step:
                 measure(halting=True, tol=tol, loop="compact", compile_step=True)
     for row in rows:
+        row.setdefault("cuda_graph", False)
         row["time_vs_off"] = row["ms"] / (off_compiled if row["compile_step"] else off)["ms"]
         row["bound"] = row["m"] + 0.15 if row["halting"] else None
     return {"environment": environment(device, dtype), "config": {**dataclasses.asdict(tc), "tolerances": list(tolerances)},
@@ -89,10 +96,10 @@ def run_halting(
 
 def format_halting(report: dict[str, Any]) -> str:
     lines = [f"{report['environment']['device']}, k_max {report['k_max']}: no-grad settle time",
-             (f"{'halting':>7} {'tol':>5} {'loop':>9} {'compiled':>8} {'ms':>9} {'mean K':>7} {'m':>6} "
+             (f"{'halting':>7} {'tol':>5} {'loop':>9} {'compiled':>8} {'graph':>5} {'ms':>9} {'mean K':>7} {'m':>6} "
               f"{'vs off':>7} {'m+0.15':>7}")]
     for r in report["rows"]:
         bound = "-" if r["bound"] is None else f"{r['bound']:.3f}"
-        lines.append(f"{r['halting']!s:>7} {r['tol']:>5} {r['loop']:>9} {r['compile_step']!s:>8} {r['ms']:>9.2f} "
-                     f"{r['mean_k']:>7.2f} {r['m']:>6.3f} {r['time_vs_off']:>7.3f} {bound:>7}")
+        lines.append(f"{r['halting']!s:>7} {r['tol']:>5} {r['loop']:>9} {r['compile_step']!s:>8} "
+                     f"{r['cuda_graph']!s:>5} {r['ms']:>9.2f} {r['mean_k']:>7.2f} {r['m']:>6.3f} {r['time_vs_off']:>7.3f} {bound:>7}")
     return "\n".join(lines)

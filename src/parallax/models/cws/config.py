@@ -2,9 +2,9 @@
 
 The expert pool is configuration: ``experts`` names the experts and ``slots`` gives how many
 slots (proposals per token) each contributes, so a Mamba-only or attention-only pool is one
-line. ``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``loop``, ``read`` and
-``compile_step`` are read at every forward call, so evaluation may change them on a built
-model (compute-quality curves).
+line. ``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``loop``, ``read``,
+``compile_step`` and ``cuda_graph`` are read at every forward call, so evaluation may change
+them on a built model (compute-quality curves).
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ class CWSConfig(ModelConfig):
     # "projected")
     read: str = "absorbed"
     compile_step: bool = False  # torch.compile the no-grad workspace iterations (working set: dynamic shapes)
+    # with halting off, replay the no-grad iterations from one CUDA graph (graphed.py); CUDA
+    # only, and not in incremental decoding or under a whole-model torch.compile
+    cuda_graph: bool = False
     # motor decoder
     decoder_window: int = 16
     decoder_heads: int = 4

@@ -7,8 +7,8 @@ Forward pass over input_ids (B, T):
 3. the motor decoder reads the settled states; the LM head is tied to the embedding.
 
 ``k_max``, ``k_min``, ``halting``, ``halt_rule``, ``halt_tol``, ``live_steps``, ``loop``,
-``read`` and ``compile_step`` are read from ``self.config`` at each call, so a built model can
-be evaluated at several K.
+``read``, ``compile_step`` and ``cuda_graph`` are read from ``self.config`` at each call, so a
+built model can be evaluated at several K.
 Diagnostics: ``k_used`` (B, T) and ``settle_trace`` (B, T, k_max), see ``halting``.
 """
 
@@ -86,6 +86,7 @@ class CWS(nn.Module):
             live_steps=cfg.live_steps if torch.is_grad_enabled() else 0,
             loop=cfg.loop,
             compile_step=cfg.compile_step,
+            cuda_graph=cfg.cuda_graph,
         )
         logits = self.lm_head(self.decoder(settled.h, cache.decoder if cache is not None else None))
         if cache is not None:

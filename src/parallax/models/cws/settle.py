@@ -20,7 +20,8 @@ Two implementations of the no-grad halting loop (``CWSConfig.loop``): ``referenc
 token until all have halted and freezes halted ones with masks (simple; halting saves no
 work); ``compact`` (``compact.py``) runs only the tokens still active. They agree to float
 rounding. ``compile_step`` runs the no-grad iterations through ``torch.compile`` (the compact
-loop's shrinking set with dynamic shapes).
+loop's shrinking set with dynamic shapes); ``cuda_graph`` replays the no-grad iterations of a
+halting-off call from one CUDA graph (``graphed.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from parallax.models.cws import graphed
 from parallax.models.cws.compact import settle_compact
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
@@ -60,6 +62,7 @@ def settle(
     live_steps: int,
     loop: str = "compact",
     compile_step: bool = False,
+    cuda_graph: bool = False,
 ) -> Settled:
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
@@ -71,20 +74,24 @@ def settle(
     set_step = compiled_step(workspace, working_set=True) if compile_step else workspace.step
     live = min(live_steps, k_max)
     compact = loop == "compact" and halting
-    if live == 0:
+    if not halting:
+        with torch.no_grad():
+            if cuda_graph and k_max > live and graphed.usable(h, context):
+                step_name = "compiled" if compile_step else "eager"
+                h, cum = graphed.graphed_prefix(
+                    no_grad_step, workspace, pool, context, monitor, h, cum, k_max - live, step_name
+                )
+            else:
+                h, cum = graphed.no_grad_prefix(no_grad_step, pool, context, monitor, h, cum, k_max - live)
+        for k in range(k_max - live + 1, k_max + 1):
+            h, cum, raw = workspace.step(h, cum, pool, context)
+            monitor.observe(k, raw)
+    elif live == 0:
         if compact:
             h, _, _ = settle_compact(no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max)
         else:
             with torch.no_grad():
-                h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max, halting)
-    elif not halting:
-        with torch.no_grad():
-            for k in range(1, k_max - live + 1):
-                h, cum, raw = no_grad_step(h, cum, pool, context)
-                monitor.observe(k, raw)
-        for k in range(k_max - live + 1, k_max + 1):
-            h, cum, raw = workspace.step(h, cum, pool, context)
-            monitor.observe(k, raw)
+                h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max)
     else:
         if compact:
             _, _, ring = settle_compact(
@@ -97,15 +104,12 @@ def settle(
     return Settled(h=h, k_used=monitor.k_used, trace=monitor.trace)
 
 
-def _reference_loop(step, pool, context, monitor, h, cum, k_max, halting):
+def _reference_loop(step, pool, context, monitor, h, cum, k_max):
     """Every token, every iteration until all have halted; halted tokens frozen by masks."""
     for k in range(1, k_max + 1):
         running = monitor.active
         h_next, cum_next, raw = step(h, cum, pool, context)
         monitor.observe(k, raw)
-        if not halting:
-            h, cum = h_next, cum_next
-            continue
         h = torch.where(running[..., None], h_next, h)
         cum = torch.where(running[..., None, None], cum_next, cum)
         if k % HALT_CHECK_EVERY == 0 and monitor.all_halted:
