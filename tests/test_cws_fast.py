@@ -316,7 +316,8 @@ def test_cuda_graph_replays_equal_the_loop_for_new_inputs_and_new_weights(compil
         torch.testing.assert_close(replayed.h, plain.h, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(replayed.trace, plain.trace, rtol=2e-2, atol=2e-2, equal_nan=True)
         assert torch.equal(replayed.k_used, plain.k_used)
-    assert len(graphed._graphs[model.workspace]) == 1  # one capture served all three calls
+    # one capture for iteration 1 (an fp32 h_0) and one for the bf16 states after it, whatever the call
+    assert len(graphed._graphs[model.workspace].steps) == 2
 
 
 @cuda_only
@@ -334,6 +335,76 @@ def test_cuda_graph_training_step_matches_the_loop():
         results[cuda_graph] = out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     (loss, grads), (ref_loss, ref_grads) = results[True], results[False]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pad", ["bucket", "plus5"])
+@pytest.mark.parametrize("rule, tol", [("first", 0.3), ("second", 0.1)])
+def test_compact_loop_with_padded_working_sets_equals_reference(pad, rule, tol, selects):
+    """Working sets padded with copies of a halted token (what CUDA graphs need): same K,
+    states and traces as the reference, though every copy is written back."""
+    from parallax.models.cws import graphed
+    from parallax.models.cws.compact import settle_compact
+    from parallax.models.cws.halting import HaltMonitor
+
+    model = tiny_model().eval()
+    ids = tokens()
+    ref = settle_with(model, ids, "reference", rule=rule, tol=tol)
+    pad_to = graphed.bucket if pad == "bucket" else (lambda n: n + 5)
+    with torch.no_grad():
+        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        h, cum = model.workspace.initial_state(context.observation, model.pool.total_slots)
+        monitor = HaltMonitor(3, 16, k_max=12, k_min=1, rule=rule, tol=tol, enabled=True, device="cpu")
+        step = model.workspace.step
+        h, _, _ = settle_compact(step, step, model.pool, context, monitor, h, cum, k_max=12, pad_to=pad_to)
+    assert selects  # the set shrank, so padded sets ran
+    if pad == "bucket":
+        assert all(graphed.bucket(n) == n for n in selects), selects
+    assert torch.equal(monitor.k_used, ref.k_used)
+    torch.testing.assert_close(h, ref.h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(monitor.trace, ref.trace, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_working_set_buckets_are_few_and_tight():
+    from parallax.models.cws import graphed
+
+    sizes = {graphed.bucket(n) for n in range(1, 32 * 512 + 1)}
+    assert len(sizes) <= 40
+    for n in range(1, 20000, 7):
+        assert n <= graphed.bucket(n) <= max(graphed.SMALLEST_BUCKET, 1.25 * n + 1)
+
+
+@cuda_only
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_cuda_graph_compact_loop_equals_reference(compile_step, inductor, selects):
+    """Halting on: the working set's steps replayed from graphs at padded sizes."""
+    model = tiny_model(d_model=32, n_heads=2).eval().cuda()
+    for seed in range(2):
+        ids = tokens(batch=8, length=64, seed=seed).cuda()
+        ref = settle_with(model, ids, "reference", tol=0.3)
+        fast = settle_with(model, ids, "compact", tol=0.3, compile_step=compile_step, cuda_graph=True)
+        assert torch.equal(fast.k_used, ref.k_used)
+        torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
+    assert selects  # the set did shrink
+
+
+@cuda_only
+def test_cuda_graph_compact_loop_trains_like_the_reference():
+    """halt_in_training with live_steps 2: the no-grad pass replayed from graphs."""
+    ids = tokens(batch=8, length=64).cuda()
+    results = {}
+    for loop, cuda_graph in (("reference", False), ("compact", True)):
+        model = tiny_model(halting=True, halt_in_training=True, halt_tol=0.6, live_steps=2, loop=loop,
+                           cuda_graph=cuda_graph).train().cuda()
+        for _ in range(2):
+            model.zero_grad()
+            out = model(ids, targets=ids)
+            out.loss.backward()
+        results[loop] = out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (fast, grads), (ref, ref_grads) = results["compact"], results["reference"]
+    assert torch.equal(fast.diagnostics["k_used"], ref.diagnostics["k_used"])
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=0)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -363,7 +434,7 @@ def test_cuda_graph_is_recaptured_for_new_weights_tensors():
     halting_off_settle(model, ids, True)
     model.double().float()  # new parameter tensors, same values
     replayed = halting_off_settle(model, ids, True)
-    assert len(graphed._graphs[model.workspace]) == 2
+    assert len(graphed._graphs[model.workspace].steps) == 2
     assert_same_settling(replayed, halting_off_settle(model, ids, False))
 
 

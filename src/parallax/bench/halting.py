@@ -8,9 +8,9 @@ of ``halt_in_training``), after the token-clocked experts, which run once either
 * halting off: every token runs k_max iterations (eager, and with ``compile_step``; on CUDA
   also each replayed from a CUDA graph, ``cuda_graph``);
 * halting on, at each tolerance: the ``reference`` loop (masks; halting skips no work) and
-  the ``compact`` loop (only the tokens still running), eager and with ``compile_step``, with
-  the mean K reached. "vs off" compares each with halting off run the same way (eager or
-  compiled).
+  the ``compact`` loop (only the tokens still running), eager and with ``compile_step``, on
+  CUDA also replayed from CUDA graphs, with the mean K reached. "vs off" compares each with
+  halting off run the same way (eager or compiled, with or without graphs).
 
 The model is the throughput benchmark's matched CWS (d 512, k_max 24 by default) at its
 initial weights, on random tokens: how many iterations each token takes is whatever the
@@ -66,7 +66,7 @@ def run_halting(
         call = _settle_call(model, context, **setting)
         times = time_calls(call, device, tc.warmup, tc.steps)
         mean_k = call().k_used.float().mean().item()
-        row = {**setting, "ms": statistics.median(times), "ms_all": times, "mean_k": mean_k,
+        row = {"cuda_graph": False, **setting, "ms": statistics.median(times), "ms_all": times, "mean_k": mean_k,
                "m": mean_k / cfg.k_max}
         rows.append(row)
         log(f"halting={setting['halting']!s:5} tol={setting['tol']:<5} loop={setting['loop']:9} "
@@ -76,19 +76,21 @@ def run_halting(
 
     with torch.no_grad(), _autocast(device, dtype):
         context = model.pool.token_clocked(model.embed(ids), 0, None)
-        off = measure(halting=False, tol=0.0, loop="reference", compile_step=False)
-        off_compiled = measure(halting=False, tol=0.0, loop="reference", compile_step=True) if compile_step else off
-        if device.type == "cuda":  # the halting-off loop replayed from a CUDA graph
+        graphs = (False, True) if device.type == "cuda" else (False,)  # CUDA graphs need CUDA
+        for cuda_graph in graphs:
             for compiled in sorted({False, compile_step}):
-                measure(halting=False, tol=0.0, loop="reference", compile_step=compiled, cuda_graph=True)
+                measure(halting=False, tol=0.0, loop="reference", compile_step=compiled, cuda_graph=cuda_graph)
         for tol in tolerances:
             for loop in ("reference", "compact"):
                 measure(halting=True, tol=tol, loop=loop, compile_step=False)
             if compile_step:
                 measure(halting=True, tol=tol, loop="compact", compile_step=True)
+            if device.type == "cuda":
+                for compiled in sorted({False, compile_step}):
+                    measure(halting=True, tol=tol, loop="compact", compile_step=compiled, cuda_graph=True)
+    off_rows = {(r["compile_step"], r["cuda_graph"]): r for r in rows if not r["halting"]}
     for row in rows:
-        row.setdefault("cuda_graph", False)
-        row["time_vs_off"] = row["ms"] / (off_compiled if row["compile_step"] else off)["ms"]
+        row["time_vs_off"] = row["ms"] / off_rows[row["compile_step"], row["cuda_graph"]]["ms"]
         row["bound"] = row["m"] + 0.15 if row["halting"] else None
     return {"environment": environment(device, dtype), "config": {**dataclasses.asdict(tc), "tolerances": list(tolerances)},
             "k_max": cfg.k_max, "rows": rows}

@@ -84,6 +84,7 @@ def settle_compact(
     *,
     k_max: int,
     history: int = 0,
+    pad_to: Callable[[int], int] | None = None,
 ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
     """Run the halting loop from (h (B, T, d), cum (B, T, H, S)); returns the settled h and cum
     and, for the training replay, a ring of the last ``history`` states before each token's
@@ -91,7 +92,9 @@ def settle_compact(
 
     ``full_step`` (the workspace step, maybe compiled with static shapes) runs while the set is
     the whole grid; ``set_step`` (eager, or compiled with dynamic shapes) runs the shrunken
-    set, whose size changes.
+    set, whose size changes. ``pad_to`` (for CUDA graphs, which need a few fixed sizes) maps
+    the number of active tokens to the set's size; the extra rows repeat one halted token,
+    which every iteration leaves as it is, so its copies agree wherever they are written.
     """
     grid = h.shape[:2]
     states = [h, cum] * (1 + history)  # [h, cum, ring_0 h, ring_0 cum, ...], grid or (1, N) rows
@@ -116,6 +119,9 @@ def settle_compact(
             kept = still.nonzero().squeeze(1) if rows is None else rows[still]
             if kept.numel() == 0:  # a host read, once per shrink
                 break
+            if pad_to is not None:
+                halted = torch.argmin(monitor.flat_active.to(torch.uint8))  # one exists: the set shrank
+                kept = torch.cat([kept, halted.expand(pad_to(kept.numel()) - kept.numel())])
             full = _write_back(full, states, rows)
             rows = kept
             states = [x[rows].unsqueeze(0) for x in full]

@@ -1,29 +1,36 @@
-"""The fixed-K no-grad iterations replayed from a CUDA graph (``CWSConfig.cuda_graph``).
+"""No-grad workspace steps replayed from CUDA graphs (``CWSConfig.cuda_graph``).
 
-With halting off, the no-grad part of ``settle`` (all k_max iterations in evaluation, the
-first k_max - live_steps in training) has static shapes and never reads a value back to the
-host. One workspace step is captured once and replayed for every iteration: one launch
-instead of the step's many small kernels, which is what the eager loop and the compiled step
-are bound by at d 512 (see BENCHMARKS.md). The halting monitor observes each replay's raw
-logits as in the plain loop (``no_grad_prefix``). A graph of one step, not of the whole loop,
-keeps memory independent of K: a capture of all iterations at once peaked higher with every
-iteration captured (297 / 337 / 376 MiB at K = 8 / 24 / 48 in one training step, H200).
+An eager step launches a few hundred small kernels and a compiled one still dozens, each
+paying the host's launch time; at d 512 that, not the GPU, bounds the loop (BENCHMARKS.md).
+A captured step is one launch. Every no-grad iteration of ``settle`` can use one:
 
-What a replay reads must live at fixed addresses: the starting state and the token context
-are copied into buffers owned by the graph, and the weights are read where they are, so a
-graph is keyed by the addresses of the weights as well as by every shape (an optimizer's
-in-place update keeps them; ``model.to(...)`` or loading new tensors makes a new graph).
-Autocast's weight-cast cache is turned off inside, so every replay casts the current weights
-(a cached cast would be a tensor of the capture's step). A few graphs are kept per
-workspace, the oldest dropped first.
+* halting off (all k_max iterations in evaluation, the first k_max - live_steps in
+  training): the same shapes every iteration, so one graph serves all of them (two under
+  autocast: iteration 1 takes the fp32 h_0, the others bf16 states);
+* halting on, compact loop: the working set shrinks, so its size is padded to one of a few
+  dozen buckets (``bucket``) and each bucket has its graph. Halting then saves GPU work
+  without paying hundreds of launches for every iteration of a small set.
 
-Not used while ``torch.compile`` traces the model (the whole forward is then one compiled
-graph, and ``mode="reduce-overhead"`` gives it CUDA graphs), nor in incremental decoding,
-whose probe keys grow by one position per token and would need a graph per length.
+A graph of one step, replayed per iteration, keeps memory independent of K (a capture of
+the whole halting-off loop peaked higher with every iteration captured: 297 / 337 / 376 MiB
+at K = 8 / 24 / 48 in one training step, H200). The halting monitor observes each replay's
+raw logits eagerly, as in the plain loops.
+
+What a replay reads must live at fixed addresses: the state and token context are copied
+into buffers owned by the graph (the context once per new context), and the weights are
+read where they are, so a graph is keyed by the weights' addresses as well as by every shape
+and dtype (an optimizer's in-place update keeps them; ``model.to(...)`` makes new graphs).
+Autocast's weight-cast cache is off inside, so every replay casts the current weights (a
+cached cast would be a tensor of the capture's step). A workspace's graphs share one memory
+pool: their outputs are only valid until the next replay of any of them, and are used at
+once. Not used while ``torch.compile`` traces the model (``mode="reduce-overhead"`` then gives
+the whole forward CUDA graphs), nor in incremental decoding, whose probe keys grow by one
+position per token and would need a graph per length.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,72 +41,97 @@ from torch import Tensor
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
 
-GRAPHS_PER_WORKSPACE = 4
+GRAPHS_PER_WORKSPACE = 64  # the compact loop visits one working-set size per shrink
 WARMUP_RUNS = 3  # on a side stream before capture: compilation, cuBLAS workspaces, allocator
+BUCKET_STEPS = (1.0, 1.25, 1.5, 1.75)  # working-set sizes: 2^e times one of these
+SMALLEST_BUCKET = 64
+
+
+class _Graphs:
+    """A workspace's captured steps, oldest first, sharing one memory pool."""
+
+    def __init__(self):
+        self.memory = torch.cuda.graph_pool_handle()
+        self.steps: OrderedDict = OrderedDict()
+
 
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def usable(h: Tensor, context: TokenContext) -> bool:
-    """Whether this settle call can replay a graph: CUDA, not under torch.compile, and a
+    """Whether this settle call can replay graphs: CUDA, not under torch.compile, and a
     context without a cache prefix (keys of as many positions as there are tokens)."""
     if not h.is_cuda or torch.compiler.is_compiling():
         return False
     return context.probe_kv is None or context.probe_kv[0].shape[2] == h.shape[1]
 
 
+def bucket(n: int) -> int:
+    """The size a working set of ``n`` tokens is padded to: the next 2^e x ``BUCKET_STEPS``
+    (at least ``SMALLEST_BUCKET``), so at most a fifth of a set is padding and one grid
+    needs a few dozen graphs at most."""
+    if n <= SMALLEST_BUCKET:
+        return SMALLEST_BUCKET
+    base = 2 ** (n.bit_length() - 1)
+    return next(size for f in (*BUCKET_STEPS, 2.0) if (size := math.ceil(base * f)) >= n)
+
+
 def no_grad_prefix(step: Callable, pool: ExpertPool, context: TokenContext, monitor: HaltMonitor,
                    h: Tensor, cum: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
-    """Iterations 1..``iterations`` with halting off, each step launched on its own."""
+    """Iterations 1..``iterations`` with halting off."""
     for k in range(1, iterations + 1):
         h, cum, raw = step(h, cum, pool, context)
         monitor.observe(k, raw)
     return h, cum
 
 
-def graphed_prefix(step: Callable, workspace, pool: ExpertPool, context: TokenContext, monitor: HaltMonitor,
-                   h: Tensor, cum: Tensor, iterations: int, step_name: str) -> tuple[Tensor, Tensor]:
-    """``no_grad_prefix`` with iterations 2.. replayed from a CUDA graph of one step.
+def graphed_step(step: Callable, workspace, pool: ExpertPool, step_name: str) -> Callable:
+    """``step`` replayed from CUDA graphs, one captured per set of input shapes and dtypes.
 
-    The first iteration runs as it is: under autocast it turns an fp32 h_0 into the bf16 state
-    the other iterations take, and the graph is captured for those. ``step_name`` tells eager
-    and compiled steps apart in the key (both are capturable).
+    The returned outputs are the graph's own buffers: the next call of any of this
+    workspace's graphs overwrites them, so use them (or copy them) at once. ``step_name``
+    tells eager and compiled steps apart (both are capturable).
     """
-    h, cum = no_grad_prefix(step, pool, context, monitor, h, cum, 1)
-    if iterations == 1:
-        return h, cum
-    weights = tuple(p.data_ptr() for p in (*workspace.parameters(), *pool.parameters()))
-    tensors = [h, cum, *_context_tensors(context)]
-    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    key = (step_name, autocast, weights, workspace.config.read,
-           tuple((t.shape, t.dtype, t.device) for t in tensors), tuple(context.fixed), context.grounding is None)
-    cache = _graphs.setdefault(workspace, OrderedDict())
-    graph = cache.get(key)
-    if graph is None:
-        graph = _CapturedStep(step, pool, context, h, cum)
-        cache[key] = graph
-        while len(cache) > GRAPHS_PER_WORKSPACE:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return graph.iterate(context, monitor, h, cum, range(2, iterations + 1))
+    graphs = _graphs.get(workspace)
+    if graphs is None:
+        graphs = _graphs[workspace] = _Graphs()
+
+    def call(h: Tensor, cum: Tensor, _pool: ExpertPool, context: TokenContext):
+        weights = tuple(p.data_ptr() for p in (*workspace.parameters(), *pool.parameters()))
+        tensors = [h, cum, *_context_tensors(context)]
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        key = (step_name, autocast, weights, workspace.config.read, context.grid, tuple(context.fixed),
+               context.grounding is None, tuple((t.shape, t.dtype, t.device) for t in tensors))
+        captured = graphs.steps.get(key)
+        if captured is None:
+            captured = graphs.steps[key] = _CapturedStep(step, pool, context, h, cum, graphs.memory)
+            while len(graphs.steps) > GRAPHS_PER_WORKSPACE:
+                graphs.steps.popitem(last=False)
+        graphs.steps.move_to_end(key)
+        return captured.run(h, cum, context)
+
+    return call
 
 
 def _context_tensors(context: TokenContext) -> list[Tensor]:
     out = [context.observation, *context.fixed.values(), *(context.probe_kv or ())]
-    return out + ([] if context.grounding is None else [context.grounding])
+    return out + [x for x in (context.grounding, context.rows) if x is not None]
 
 
 class _CapturedStep:
     """One captured workspace step, reading its input buffers and writing its outputs."""
 
-    def __init__(self, step, pool, context, h, cum):
+    def __init__(self, step, pool, context, h, cum, memory):
         self.h, self.cum = h.clone(), cum.clone()
         self.context = TokenContext(
             observation=context.observation.clone(),
             grounding=None if context.grounding is None else context.grounding.clone(),
             fixed={name: x.clone() for name, x in context.fixed.items()},
             probe_kv=None if context.probe_kv is None else tuple(x.clone() for x in context.probe_kv),
+            rows=None if context.rows is None else context.rows.clone(),
+            grid=context.grid,
         )
+        self.source = weakref.ref(context)  # the context now in the buffers
         dtype = torch.get_autocast_dtype("cuda")
         enabled = torch.is_autocast_enabled("cuda")
 
@@ -114,16 +146,15 @@ class _CapturedStep:
                 run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.h_next, self.cum_next, self.raw = run()
+        with torch.cuda.graph(self.graph, pool=memory):
+            self.outputs = run()
 
-    def iterate(self, context, monitor, h, cum, iterations: range):
-        """Replay the step for each of ``iterations`` from (h, cum); the monitor observes each."""
-        for buffer, x in zip([self.h, self.cum, *_context_tensors(self.context)], [h, cum, *_context_tensors(context)]):
-            buffer.copy_(x)
-        for k in iterations:
-            self.graph.replay()
-            monitor.observe(k, self.raw)  # keeps copies, never the buffer itself
-            self.h.copy_(self.h_next)
-            self.cum.copy_(self.cum_next)
-        return self.h.clone(), self.cum.clone()
+    def run(self, h: Tensor, cum: Tensor, context: TokenContext) -> tuple[Tensor, Tensor, Tensor]:
+        if self.source() is not context:  # a new context: copied once, then reused every iteration
+            for buffer, x in zip(_context_tensors(self.context), _context_tensors(context)):
+                buffer.copy_(x)
+            self.source = weakref.ref(context)
+        self.h.copy_(h)
+        self.cum.copy_(cum)
+        self.graph.replay()
+        return self.outputs

@@ -20,8 +20,8 @@ Two implementations of the no-grad halting loop (``CWSConfig.loop``): ``referenc
 token until all have halted and freezes halted ones with masks (simple; halting saves no
 work); ``compact`` (``compact.py``) runs only the tokens still active. They agree to float
 rounding. ``compile_step`` runs the no-grad iterations through ``torch.compile`` (the compact
-loop's shrinking set with dynamic shapes); ``cuda_graph`` replays the no-grad iterations of a
-halting-off call from one CUDA graph (``graphed.py``).
+loop's shrinking set with dynamic shapes); ``cuda_graph`` replays every no-grad step from CUDA
+graphs, the compact loop's working set padded to a few sizes (``graphed.py``).
 """
 
 from __future__ import annotations
@@ -72,30 +72,33 @@ def settle(
     )
     no_grad_step = compiled_step(workspace) if compile_step else workspace.step
     set_step = compiled_step(workspace, working_set=True) if compile_step else workspace.step
+    pad_to = None
+    if cuda_graph and graphed.usable(h, context):
+        name = "compiled" if compile_step else "eager"
+        no_grad_step = graphed.graphed_step(no_grad_step, workspace, pool, name)
+        set_step = graphed.graphed_step(set_step, workspace, pool, f"{name} working set")
+        pad_to = graphed.bucket
     live = min(live_steps, k_max)
     compact = loop == "compact" and halting
     if not halting:
         with torch.no_grad():
-            if cuda_graph and k_max > live and graphed.usable(h, context):
-                step_name = "compiled" if compile_step else "eager"
-                h, cum = graphed.graphed_prefix(
-                    no_grad_step, workspace, pool, context, monitor, h, cum, k_max - live, step_name
-                )
-            else:
-                h, cum = graphed.no_grad_prefix(no_grad_step, pool, context, monitor, h, cum, k_max - live)
+            h, cum = graphed.no_grad_prefix(no_grad_step, pool, context, monitor, h, cum, k_max - live)
+            h, cum = h.clone(), cum.clone()  # not a graph's buffers, which its next replay overwrites
         for k in range(k_max - live + 1, k_max + 1):
             h, cum, raw = workspace.step(h, cum, pool, context)
             monitor.observe(k, raw)
     elif live == 0:
         if compact:
-            h, _, _ = settle_compact(no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max)
+            h, _, _ = settle_compact(
+                no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max, pad_to=pad_to
+            )
         else:
             with torch.no_grad():
                 h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max)
     else:
         if compact:
             _, _, ring = settle_compact(
-                no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max, history=live
+                no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max, history=live, pad_to=pad_to
             )
         else:
             with torch.no_grad():
