@@ -278,6 +278,14 @@ def test_compiled_compact_loop_equals_reference(inductor, selects):
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
 
 
+def graphed_keys(model) -> list:
+    """The keys of the CUDA graphs captured for this model's workspace (none: never graphed)."""
+    from parallax.models.cws import graphed
+
+    graphs = graphed._graphs.get(model.workspace)
+    return [] if graphs is None else list(graphs.steps)
+
+
 def halting_off_settle(model, ids, cuda_graph, **knobs):
     """Evaluation with halting off, as the model runs it (autocast as the caller set it)."""
     model.config.cuda_graph = cuda_graph
@@ -290,10 +298,11 @@ def halting_off_settle(model, ids, cuda_graph, **knobs):
 
 
 def test_cuda_graph_is_the_plain_loop_where_it_cannot_capture():
-    """On CPU (and in incremental decoding) the option runs the plain loop: same results."""
+    """On CPU the option runs the plain loop: same results, nothing captured."""
     model = tiny_model(k_max=5).eval()
     ids = tokens()
     assert_same_settling(halting_off_settle(model, ids, True), halting_off_settle(model, ids, False))
+    assert not graphed_keys(model)
 
 
 @cuda_only
@@ -333,6 +342,7 @@ def test_cuda_graph_training_step_matches_the_loop():
             out = model(ids, targets=ids)
             out.loss.backward()
         results[cuda_graph] = out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert graphed_keys(model)
     (loss, grads), (ref_loss, ref_grads) = results[True], results[False]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     for name in ref_grads:
@@ -349,16 +359,18 @@ def test_compact_loop_with_padded_working_sets_equals_reference(pad, rule, tol, 
     from parallax.models.cws.halting import HaltMonitor
 
     model = tiny_model().eval()
-    ids = tokens()
+    batch, length = (8, 64) if pad == "bucket" else (3, 16)  # buckets start at 64 tokens
+    ids = tokens(batch, length)
     ref = settle_with(model, ids, "reference", rule=rule, tol=tol)
     pad_to = graphed.bucket if pad == "bucket" else (lambda n: n + 5)
     with torch.no_grad():
         context = model.pool.token_clocked(model.embed(ids), 0, None)
         h, cum = model.workspace.initial_state(context.observation, model.pool.total_slots)
-        monitor = HaltMonitor(3, 16, k_max=12, k_min=1, rule=rule, tol=tol, enabled=True, device="cpu")
+        monitor = HaltMonitor(batch, length, k_max=12, k_min=1, rule=rule, tol=tol, enabled=True, device="cpu")
         step = model.workspace.step
         h, _, _ = settle_compact(step, step, model.pool, context, monitor, h, cum, k_max=12, pad_to=pad_to)
     assert selects  # the set shrank, so padded sets ran
+    assert selects == sorted(set(selects), reverse=True)  # every shrink made the set smaller
     if pad == "bucket":
         assert all(graphed.bucket(n) == n for n in selects), selects
     assert torch.equal(monitor.k_used, ref.k_used)
@@ -387,6 +399,8 @@ def test_cuda_graph_compact_loop_equals_reference(compile_step, inductor, select
         assert torch.equal(fast.k_used, ref.k_used)
         torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
     assert selects  # the set did shrink
+    names = {key[0] for key in graphed_keys(model)}
+    assert any(name.endswith("working set") for name in names), names  # the shrunken sets were graphed
 
 
 @cuda_only
@@ -403,6 +417,7 @@ def test_cuda_graph_compact_loop_trains_like_the_reference():
             out.loss.backward()
         results[loop] = out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     (fast, grads), (ref, ref_grads) = results["compact"], results["reference"]
+    assert graphed_keys(model)  # the last model built is the graphed one
     assert torch.equal(fast.diagnostics["k_used"], ref.diagnostics["k_used"])
     torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=0)
     for name in ref_grads:
@@ -421,6 +436,7 @@ def test_cuda_graph_training_memory_does_not_grow_with_k():
         base = torch.cuda.memory_allocated()
         model(ids, targets=ids).loss.backward()
         peaks.append(torch.cuda.max_memory_allocated() - base)
+        assert graphed_keys(model)
     assert peaks[1] <= 1.05 * peaks[0], peaks
 
 
@@ -432,10 +448,46 @@ def test_cuda_graph_is_recaptured_for_new_weights_tensors():
     model = tiny_model(k_max=4, halting=False).eval().cuda()
     ids = tokens().cuda()
     halting_off_settle(model, ids, True)
+    old = [t.data for t in (*model.parameters(), *model.buffers())]  # kept alive: their addresses stay taken
     model.double().float()  # new parameter tensors, same values
     replayed = halting_off_settle(model, ids, True)
-    assert len(graphed._graphs[model.workspace].steps) == 2
+    assert len(graphed._graphs[model.workspace].steps) == 2 and old
     assert_same_settling(replayed, halting_off_settle(model, ids, False))
+
+
+@cuda_only
+def test_cuda_graph_is_recaptured_when_rope_tables_grow():
+    """A sequence past the probe's RoPE tables rebuilds them: a graph reading the old tables
+    would read freed memory."""
+    model = tiny_model(k_max=3, halting=False).eval().cuda()
+    ids = tokens().cuda()
+    halting_off_settle(model, ids, True)
+    rope = model.pool.experts["attention"].rope
+    model.config.cuda_graph = False  # the long forward itself runs the plain loop
+    with torch.no_grad():
+        model(torch.zeros(1, rope.cos.shape[0] + 1, dtype=torch.long, device="cuda"))  # grows the tables
+    assert len(graphed_keys(model)) == 1
+    assert_same_settling(halting_off_settle(model, ids, True), halting_off_settle(model, ids, False))
+    assert len(graphed_keys(model)) == 2
+
+
+@cuda_only
+@pytest.mark.parametrize("experts, slots, graphs", [(("ssm", "attention", "mlp"), (2, 2, 1), 1),
+                                                      (("ssm", "mlp"), (2, 1), 2)])
+def test_cuda_graph_in_incremental_decoding(experts, slots, graphs):
+    """A 3-token prompt, then one token per call with caches: the prompt is graphed; the
+    single tokens only without an attention probe (whose keys grow every token)."""
+    outputs = {}
+    for cuda_graph in (False, True):
+        model = tiny_model(experts=experts, slots=slots, halting=False, cuda_graph=cuda_graph).eval().cuda()
+        ids = tokens(batch=2, length=8).cuda()
+        cache = model.new_cache(2, 8)
+        with torch.no_grad():
+            logits = [model(ids[:, :3], cache=cache).logits]
+            logits += [model(ids[:, i : i + 1], cache=cache).logits for i in range(3, 8)]
+        outputs[cuda_graph] = torch.cat(logits, 1)
+    assert len(graphed_keys(model)) == graphs
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -78,6 +78,7 @@ def test_cli_writes_a_row_per_model(tmp_path, capsys):
     (["--set", "cws.nonesuch=1"], "unknown key 'nonesuch'"),
     (["--seq", "8", "--prompt", "4", "--gen-tokens", "8"], "must fit in --seq"),
     (["--device", "gpu0"], "unknown device"),
+    (["--compile-mode", "reduce-overhead"], "needs --compile"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert main(["bench", "throughput", *argv]) == 2

@@ -79,6 +79,8 @@ class ThroughputConfig:
             )
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"--compile-mode {self.compile_mode} needs --compile")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 

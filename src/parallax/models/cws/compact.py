@@ -9,6 +9,9 @@ of the set; then the set's state is written back to the full grid and the set sh
 the active tokens. So the set never holds more than 4/3 of the active tokens, and there are
 at most log(B*T) / log(4/3) gathers per call (about 35 for 32 x 512 tokens), each moving
 about one iteration's inputs for the set: cheap against the iteration's S*d^2 per token.
+Under CUDA graphs the set is padded to a bucket size (``pad_to``): then it holds at most
+5/4 x 4/3 of the active tokens, or the smallest bucket, and it shrinks only when the padded
+size is smaller than the set.
 (A threshold of 1/2 measured the same on CPU within noise; it allows twice the active work.)
 
 Everything per token (the state, the cum accumulator, the SSM's proposals, the grounding,
@@ -115,7 +118,8 @@ def settle_compact(
         active = counts.push(still.sum())  # active after iteration k - 1, in the same set
         if active == 0:
             break  # iteration k was a masked no-op
-        if active is not None and active < RECOMPACT_BELOW * still.numel() and k < k_max:
+        smaller = active is not None and (pad_to is None or pad_to(active) < still.numel())
+        if smaller and active < RECOMPACT_BELOW * still.numel() and k < k_max:
             kept = still.nonzero().squeeze(1) if rows is None else rows[still]
             if kept.numel() == 0:  # a host read, once per shrink
                 break

@@ -62,8 +62,9 @@ class CWSConfig(ModelConfig):
     # "projected")
     read: str = "absorbed"
     compile_step: bool = False  # torch.compile the no-grad workspace iterations (working set: dynamic shapes)
-    # with halting off, replay the no-grad iterations from one CUDA graph (graphed.py); CUDA
-    # only, and not in incremental decoding or under a whole-model torch.compile
+    # replay every no-grad workspace step from CUDA graphs (graphed.py; the compact loop's
+    # working set padded to a few sizes); CUDA only, not under a whole-model torch.compile nor
+    # in incremental decoding with an attention probe
     cuda_graph: bool = False
     # motor decoder
     decoder_window: int = 16

@@ -6,7 +6,8 @@ A captured step is one launch. Every no-grad iteration of ``settle`` can use one
 
 * halting off (all k_max iterations in evaluation, the first k_max - live_steps in
   training): the same shapes every iteration, so one graph serves all of them (two under
-  autocast: iteration 1 takes the fp32 h_0, the others bf16 states);
+  autocast: iteration 1 takes the fp32 h_0, the others bf16 states); also in incremental
+  decoding when the pool has no attention probe (then every token has the same shapes);
 * halting on, compact loop: the working set shrinks, so its size is padded to one of a few
   dozen buckets (``bucket``) and each bucket has its graph. Halting then saves GPU work
   without paying hundreds of launches for every iteration of a small set.
@@ -18,13 +19,17 @@ raw logits eagerly, as in the plain loops.
 
 What a replay reads must live at fixed addresses: the state and token context are copied
 into buffers owned by the graph (the context once per new context), and the weights are
-read where they are, so a graph is keyed by the weights' addresses as well as by every shape
-and dtype (an optimizer's in-place update keeps them; ``model.to(...)`` makes new graphs).
+read where they are, so a graph is keyed by the addresses of the weights and buffers as well
+as by every shape, dtype and precision setting (an optimizer's in-place update keeps the
+addresses; ``model.to(...)`` or a RoPE table grown for a longer sequence makes new graphs).
 Autocast's weight-cast cache is off inside, so every replay casts the current weights (a
 cached cast would be a tensor of the capture's step). A workspace's graphs share one memory
 pool: their outputs are only valid until the next replay of any of them, and are used at
-once. Not used while ``torch.compile`` traces the model (``mode="reduce-overhead"`` then gives
-the whole forward CUDA graphs), nor in incremental decoding, whose probe keys grow by one
+once. Each graph also keeps its own copy of the inputs: the state and the token context at
+its size, so the buckets of one grid hold a few times one full-grid context in all (and each a
+copy of the probe's per-sequence keys and values, which are small). Not used while
+``torch.compile`` traces the model (``mode="reduce-overhead"`` then gives the whole forward
+CUDA graphs), nor in incremental decoding with an attention probe, whose keys grow by one
 position per token and would need a graph per length.
 """
 
@@ -38,7 +43,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
 
 GRAPHS_PER_WORKSPACE = 64  # the compact loop visits one working-set size per shrink
@@ -48,10 +52,12 @@ SMALLEST_BUCKET = 64
 
 
 class _Graphs:
-    """A workspace's captured steps, oldest first, sharing one memory pool."""
+    """A workspace's captured steps, oldest first, sharing one memory pool and the side stream
+    their warm-up runs on."""
 
     def __init__(self):
         self.memory = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream()
         self.steps: OrderedDict = OrderedDict()
 
 
@@ -76,15 +82,6 @@ def bucket(n: int) -> int:
     return next(size for f in (*BUCKET_STEPS, 2.0) if (size := math.ceil(base * f)) >= n)
 
 
-def no_grad_prefix(step: Callable, pool: ExpertPool, context: TokenContext, monitor: HaltMonitor,
-                   h: Tensor, cum: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
-    """Iterations 1..``iterations`` with halting off."""
-    for k in range(1, iterations + 1):
-        h, cum, raw = step(h, cum, pool, context)
-        monitor.observe(k, raw)
-    return h, cum
-
-
 def graphed_step(step: Callable, workspace, pool: ExpertPool, step_name: str) -> Callable:
     """``step`` replayed from CUDA graphs, one captured per set of input shapes and dtypes.
 
@@ -97,14 +94,17 @@ def graphed_step(step: Callable, workspace, pool: ExpertPool, step_name: str) ->
         graphs = _graphs[workspace] = _Graphs()
 
     def call(h: Tensor, cum: Tensor, _pool: ExpertPool, context: TokenContext):
-        weights = tuple(p.data_ptr() for p in (*workspace.parameters(), *pool.parameters()))
+        modules = (workspace, pool)
+        # parameters and buffers (RoPE tables are replaced when a longer sequence comes)
+        addresses = tuple(t.data_ptr() for m in modules for t in (*m.parameters(), *m.buffers()))
         tensors = [h, cum, *_context_tensors(context)]
-        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        key = (step_name, autocast, weights, workspace.config.read, context.grid, tuple(context.fixed),
+        settings = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                    torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        key = (step_name, settings, addresses, workspace.config.read, context.grid, tuple(context.fixed),
                context.grounding is None, tuple((t.shape, t.dtype, t.device) for t in tensors))
         captured = graphs.steps.get(key)
         if captured is None:
-            captured = graphs.steps[key] = _CapturedStep(step, pool, context, h, cum, graphs.memory)
+            captured = graphs.steps[key] = _CapturedStep(step, pool, context, h, cum, graphs)
             while len(graphs.steps) > GRAPHS_PER_WORKSPACE:
                 graphs.steps.popitem(last=False)
         graphs.steps.move_to_end(key)
@@ -121,7 +121,7 @@ def _context_tensors(context: TokenContext) -> list[Tensor]:
 class _CapturedStep:
     """One captured workspace step, reading its input buffers and writing its outputs."""
 
-    def __init__(self, step, pool, context, h, cum, memory):
+    def __init__(self, step, pool, context, h, cum, graphs: _Graphs):
         self.h, self.cum = h.clone(), cum.clone()
         self.context = TokenContext(
             observation=context.observation.clone(),
@@ -139,14 +139,13 @@ class _CapturedStep:
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
                 return step(self.h, self.cum, pool, self.context)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        graphs.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(graphs.side):
             for _ in range(WARMUP_RUNS):
                 run()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(graphs.side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=memory):
+        with torch.cuda.graph(self.graph, pool=graphs.memory):
             self.outputs = run()
 
     def run(self, h: Tensor, cum: Tensor, context: TokenContext) -> tuple[Tensor, Tensor, Tensor]:

@@ -82,7 +82,7 @@ def settle(
     compact = loop == "compact" and halting
     if not halting:
         with torch.no_grad():
-            h, cum = graphed.no_grad_prefix(no_grad_step, pool, context, monitor, h, cum, k_max - live)
+            h, cum = _no_grad_prefix(no_grad_step, pool, context, monitor, h, cum, k_max - live)
             h, cum = h.clone(), cum.clone()  # not a graph's buffers, which its next replay overwrites
         for k in range(k_max - live + 1, k_max + 1):
             h, cum, raw = workspace.step(h, cum, pool, context)
@@ -105,6 +105,14 @@ def settle(
                 ring = _reference_ring_loop(no_grad_step, pool, context, monitor, h, cum, k_max, live)
         h = _replay(workspace, pool, context, monitor, *ring[0], live)
     return Settled(h=h, k_used=monitor.k_used, trace=monitor.trace)
+
+
+def _no_grad_prefix(step, pool, context, monitor, h, cum, iterations):
+    """Iterations 1..``iterations`` with halting off."""
+    for k in range(1, iterations + 1):
+        h, cum, raw = step(h, cum, pool, context)
+        monitor.observe(k, raw)
+    return h, cum
 
 
 def _reference_loop(step, pool, context, monitor, h, cum, k_max):

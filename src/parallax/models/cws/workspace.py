@@ -10,9 +10,11 @@
     h      <- O_proj(sum_s weights_s * v_s)
 
 ``CWSConfig.read = "projected"`` runs exactly this; the default ``"absorbed"`` computes the
-same raw and read without K(pool) and V(pool) (see ``Workspace._absorbed``), which at S slots
-saves 2 (S - 1) of the iteration's d x d products per token and the (B, T, S, d) keys and values
-it would write and read back.
+same raw and read without K(pool) and V(pool) (see ``Workspace._absorbed``): 2 instead of
+2 S d x d products per token and iteration. In their place it writes two (B, T, H, d) tensors
+(the query in slot space and the per-head weighted sum) where the projected read writes the
+(B, T, S, d) keys and values, so it moves fewer bytes only when there are fewer heads than
+slots, and its scores cost 2 H S d per token instead of 2 S d (BENCHMARKS.md has both).
 
 Shapes: h (B, T, d); cum and raw (B, T, H, S). Nothing here knows a slot's index or a
 token's position, so the workspace is permutation-invariant over slots; order enters only
@@ -87,8 +89,8 @@ class Workspace(nn.Module):
         """The same scores and read with W_k and W_v moved off the slots.
 
         q_h . (W_k,h s) = (W_k,h^T q_h) . s and sum_s w_s W_v,h s = W_v,h (sum_s w_s s): each
-        token pays two d x d products per iteration instead of 2 S of them, and no (S, d) keys or
-        values are written. Exact in real arithmetic; it rounds differently.
+        token pays two d x d products per iteration instead of 2 S of them, and writes (H, d)
+        twice instead of (S, d) keys and values. Exact in real arithmetic; it rounds differently.
         """
         w_k = self.k_proj.weight.unflatten(0, (self.n_heads, self.head_dim))  # (H, dh, d)
         w_v = self.v_proj.weight.unflatten(0, (self.n_heads, self.head_dim))
@@ -110,9 +112,8 @@ def compiled_step(workspace: Workspace, working_set: bool = False):
 
     The unbound ``Workspace.step`` is compiled once per process: modules are inlined, so every
     workspace of the same structure reuses its graphs, and no compiled function is stored on
-    a module (a deep-copied model would otherwise run the original's weights). No CUDA graphs
-    (``reduce-overhead``) yet: the loop feeds each output to the next replay, which overwrites
-    it, and that has not been checked on a GPU.
+    a module (a deep-copied model would otherwise run the original's weights). CUDA graphs
+    are added apart, around either step (``graphed.py``, ``CWSConfig.cuda_graph``).
     """
     step = _compiled_working_set_step() if working_set else _compiled_workspace_step()
     return lambda h, cum, pool, context: step(workspace, h, cum, pool, context)
