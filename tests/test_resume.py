@@ -66,18 +66,24 @@ def test_resume_cannot_change_the_model(tmp_path, tiny_sort_overrides):
     assert resume_config(out, ["train.steps=20"]).train.steps == 20
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_sort_overrides):
-    out = tmp_path / "run"
-    trainer = Trainer(RunConfig.from_dict({}, tiny_sort_overrides + ["train.save_every=2"]), out)
+def trainer_diverging_at(step: int, out, overrides) -> Trainer:
+    """A trainer whose loss is NaN from training step ``step`` on."""
+    trainer = Trainer(RunConfig.from_dict({}, overrides), out)
     real_forward = trainer.forward_model
 
     def poisoned(*args, **kwargs):
         result = real_forward(*args, **kwargs)
-        if trainer.step >= 3:
+        if trainer.step + 1 >= step:  # trainer.step counts the steps already taken
             result.loss = result.loss * float("nan")
         return result
 
     trainer.forward_model = poisoned
+    return trainer
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_sort_overrides):
+    out = tmp_path / "run"
+    trainer = trainer_diverging_at(4, out, tiny_sort_overrides + ["train.save_every=2"])
     with pytest.raises(TrainingDiverged, match="at step 4"):
         trainer.fit()
     assert load_run(out).step == 2
@@ -88,16 +94,6 @@ def test_divergence_between_logs_names_its_step_and_keeps_the_earlier_checkpoint
     the step-8 checkpoint is written over good weights, and the step-4 checkpoint survives."""
     out = tmp_path / "run"
     over = tiny_sort_overrides + ["train.steps=12", "train.log_every=5", "train.save_every=4"]
-    trainer = Trainer(RunConfig.from_dict({}, over), out)
-    real_forward = trainer.forward_model
-
-    def poisoned(*args, **kwargs):
-        result = real_forward(*args, **kwargs)
-        if trainer.step >= 5:  # the step being taken is trainer.step + 1
-            result.loss = result.loss * float("nan")
-        return result
-
-    trainer.forward_model = poisoned
     with pytest.raises(TrainingDiverged, match="at step 6"):
-        trainer.fit()
+        trainer_diverging_at(6, out, over).fit()
     assert load_run(out).step == 4
