@@ -29,7 +29,7 @@ def test_unknown_key_names_valid_keys():
     "override, fragment",
     [("train.steps=abc", "train.steps must be int"), ("train.compile=maybe", "must be bool"),
      ("nosection.x=1", "unknown config section"), ("train.steps", "section.key=value"),
-     ("model.name=nonexistent", "unknown model")],
+     ("model.name=nonexistent", "unknown model"), ("train.compile_mode=fast", "compile_mode must be one of")],
 )
 def test_bad_values_are_one_line_errors(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -72,3 +72,14 @@ def test_bare_train_command_runs_the_default_job(tmp_path):
     assert main(["train", "--out", str(explicit), "--model", "cws", "train.steps=1",
                  "train.eval_every=1", "train.eval_batches=1"]) == 0
     assert json.loads((explicit / "config.json").read_text())["model"]["d_model"] != 64
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, tiny_sort_overrides, monkeypatch):
+    """train.compile_mode is passed on (reduce-overhead: CUDA graphs of the training step)."""
+    import parallax.train.trainer as trainer_module
+
+    seen = []
+    monkeypatch.setattr(trainer_module.torch, "compile", lambda model, mode: seen.append(mode) or model)
+    over = tiny_sort_overrides + ["train.compile=true", "train.compile_mode=reduce-overhead"]
+    Trainer(RunConfig.from_dict({}, over), tmp_path / "run")
+    assert seen == ["reduce-overhead"]

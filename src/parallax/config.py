@@ -45,6 +45,9 @@ class DataConfig:
     """Fields every data source shares."""
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """The trainer's knobs; identical for every architecture."""
@@ -68,12 +71,15 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead adds CUDA graphs
     parallel: str = "none"  # none | ddp | fsdp; under torchrun with several processes none means ddp
     progress: bool = True
 
     def validate(self) -> None:
         if self.parallel not in ("none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be none, ddp or fsdp, got {self.parallel!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
 
 
 @dataclass

@@ -37,11 +37,10 @@ from typing import Any
 import torch
 
 from parallax.bench.flops import step_flops
-from parallax.config import ModelConfig, build_run_config
+from parallax.config import COMPILE_MODES, ModelConfig, build_run_config
 from parallax.errors import ConfigError
 from parallax.generation import generate_batch
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_MODELS = ("transformer", "swap", "recurrent", "eam", "cws")
 MATMUL_SIZE = {"cuda": 8192, "cpu": 256}  # the CPU sizes only keep tests quick
 COPY_BYTES = {"cuda": 2**30, "cpu": 2**24}

@@ -110,7 +110,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, self.runtime.device)
         if state is not None:
             distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.runtime)
-        self.forward_model = torch.compile(self.train_model) if cfg.train.compile else self.train_model
+        self.forward_model = (
+            torch.compile(self.train_model, mode=cfg.train.compile_mode) if cfg.train.compile else self.train_model
+        )
 
     # -- run directory -------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:

@@ -37,7 +37,8 @@ def add_arguments(parser) -> None:
     memory.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     memory.set_defaults(action_handler=run_memory)
 
-    from parallax.bench.throughput import COMPILE_MODES, DEFAULT_MODELS, ThroughputConfig
+    from parallax.bench.throughput import DEFAULT_MODELS, ThroughputConfig
+    from parallax.config import COMPILE_MODES
 
     d = ThroughputConfig()
     tp = actions.add_parser("throughput", help="training and inference speed of every model, beside the device ceilings")
