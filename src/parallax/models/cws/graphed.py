@@ -92,16 +92,20 @@ def graphed_step(step: Callable, workspace, pool: ExpertPool, step_name: str) ->
     graphs = _graphs.get(workspace)
     if graphs is None:
         graphs = _graphs[workspace] = _Graphs()
+    # what stays fixed through one settle call, looked up once per call rather than per step:
+    # the addresses of parameters and buffers (RoPE tables are replaced when a longer sequence
+    # comes) and the precision settings
+    fixed = (
+        step_name, workspace.config.read,
+        tuple(t.data_ptr() for m in (workspace, pool) for t in (*m.parameters(), *m.buffers())),
+        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+        torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+    )
 
     def call(h: Tensor, cum: Tensor, _pool: ExpertPool, context: TokenContext):
-        modules = (workspace, pool)
-        # parameters and buffers (RoPE tables are replaced when a longer sequence comes)
-        addresses = tuple(t.data_ptr() for m in modules for t in (*m.parameters(), *m.buffers()))
         tensors = [h, cum, *_context_tensors(context)]
-        settings = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-                    torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-        key = (step_name, settings, addresses, workspace.config.read, context.grid, tuple(context.fixed),
-               context.grounding is None, tuple((t.shape, t.dtype, t.device) for t in tensors))
+        key = (fixed, context.grid, tuple(context.fixed), context.grounding is None,
+               tuple((t.shape, t.dtype, t.device) for t in tensors))
         captured = graphs.steps.get(key)
         if captured is None:
             captured = graphs.steps[key] = _CapturedStep(step, pool, context, h, cum, graphs)
