@@ -499,3 +499,30 @@ def test_lagged_count_returns_the_previous_count(device):
     counts.reset()
     assert counts.push(torch.tensor(7, device=device)) is None
     assert counts.push(torch.tensor(1, device=device)) == 7
+
+
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("tol", [0.1, 0.3, 0.6, 1e9])
+def test_planned_set_sizes_replay_the_compact_loop(pad, tol):
+    """The shrink rule replayed from K alone gives the sizes the loop really ran."""
+    from parallax.models.cws import graphed
+    from parallax.models.cws.compact import planned_set_sizes, settle_compact
+    from parallax.models.cws.halting import HaltMonitor
+
+    model = tiny_model().eval()
+    ids = tokens(8, 64)
+    pad_to = graphed.bucket if pad else None
+    sizes = []
+
+    def step(h, cum, pool, context):
+        sizes.append(h.shape[0] * h.shape[1])
+        return model.workspace.step(h, cum, pool, context)
+
+    with torch.no_grad():
+        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        h, cum = model.workspace.initial_state(context.observation, model.pool.total_slots)
+        monitor = HaltMonitor(8, 64, k_max=12, k_min=1, rule="first", tol=tol, enabled=True, device="cpu")
+        settle_compact(step, step, model.pool, context, monitor, h, cum, k_max=12, pad_to=pad_to)
+    assert planned_set_sizes(monitor.k_used, 12, pad_to) == sizes
+    if tol in (0.3, 0.6):
+        assert len(set(sizes)) >= 2  # the set shrank

@@ -99,6 +99,7 @@ def test_halting_bench_times_every_loop_at_the_same_mean_k(tmp_path, capsys):
     for reference, compact in zip(halting[::2], halting[1::2]):
         assert reference["mean_k"] == pytest.approx(compact["mean_k"])  # same halting decisions
         assert compact["bound"] == pytest.approx(compact["m"] + 0.15)
+        assert compact["m"] <= compact["work"] <= 1 and reference["work"] is None  # the shrink rule's work
     assert halting[-1]["mean_k"] < halting[0]["mean_k"] <= 24  # a looser tolerance halts sooner
     assert "m+0.15" in capsys.readouterr().out
 

@@ -14,7 +14,9 @@ of ``halt_in_training``), after the token-clocked experts, which run once either
 
 The model is the throughput benchmark's matched CWS (d 512, k_max 24 by default) at its
 initial weights, on random tokens: how many iterations each token takes is whatever the
-tolerance gives, reported beside each time. Timing as ``parallax.bench.throughput``.
+tolerance gives, reported beside each time. "work" is the compact loop's token-iterations
+over halting off's (``compact.planned_set_sizes``): what its shrink rule leaves to compute,
+so a time above it is overhead, not work. Timing as ``parallax.bench.throughput``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from parallax.bench.throughput import (
     resolve,
     time_calls,
 )
+from parallax.models.cws import graphed
+from parallax.models.cws.compact import planned_set_sizes
 from parallax.models.cws.settle import settle
 
 DEFAULT_TOLERANCES = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -45,6 +49,17 @@ def _settle_call(model, context, *, halting: bool, tol: float, loop: str, compil
         model.workspace, model.pool, context, k_max=cfg.k_max, k_min=cfg.k_min, halting=halting,
         rule=cfg.halt_rule, tol=tol, live_steps=0, loop=loop, compile_step=compile_step, cuda_graph=cuda_graph,
     )
+
+
+def _work(k_used, k_max: int, *, halting: bool, loop: str, cuda_graph: bool = False, **_) -> float | None:
+    """The compact loop's token-iterations over halting off's (k_max for every token): the work
+    its shrink rule leaves, to hold its time against. None for the reference loop."""
+    if not halting:
+        return 1.0
+    if loop != "compact":
+        return None
+    sizes = planned_set_sizes(k_used, k_max, graphed.bucket if cuda_graph else None)
+    return sum(sizes) / (k_max * k_used.numel())
 
 
 def run_halting(
@@ -65,9 +80,10 @@ def run_halting(
     def measure(**setting) -> dict[str, Any]:
         call = _settle_call(model, context, **setting)
         times = time_calls(call, device, tc.warmup, tc.steps)
-        mean_k = call().k_used.float().mean().item()
+        k_used = call().k_used
+        mean_k = k_used.float().mean().item()
         row = {"cuda_graph": False, **setting, "ms": statistics.median(times), "ms_all": times, "mean_k": mean_k,
-               "m": mean_k / cfg.k_max}
+               "m": mean_k / cfg.k_max, "work": _work(k_used, cfg.k_max, **setting)}
         rows.append(row)
         log(f"halting={setting['halting']!s:5} tol={setting['tol']:<5} loop={setting['loop']:9} "
             f"compile_step={setting['compile_step']!s:5} cuda_graph={setting.get('cuda_graph', False)!s:5} "
@@ -99,9 +115,11 @@ def run_halting(
 def format_halting(report: dict[str, Any]) -> str:
     lines = [f"{report['environment']['device']}, k_max {report['k_max']}: no-grad settle time",
              (f"{'halting':>7} {'tol':>5} {'loop':>9} {'compiled':>8} {'graph':>5} {'ms':>9} {'mean K':>7} {'m':>6} "
-              f"{'vs off':>7} {'m+0.15':>7}")]
+              f"{'work':>6} {'vs off':>7} {'m+0.15':>7}")]
     for r in report["rows"]:
         bound = "-" if r["bound"] is None else f"{r['bound']:.3f}"
+        work = "-" if r["work"] is None else f"{r['work']:.3f}"
         lines.append(f"{r['halting']!s:>7} {r['tol']:>5} {r['loop']:>9} {r['compile_step']!s:>8} "
-                     f"{r['cuda_graph']!s:>5} {r['ms']:>9.2f} {r['mean_k']:>7.2f} {r['m']:>6.3f} {r['time_vs_off']:>7.3f} {bound:>7}")
+                     f"{r['cuda_graph']!s:>5} {r['ms']:>9.2f} {r['mean_k']:>7.2f} {r['m']:>6.3f} {work:>6} "
+                     f"{r['time_vs_off']:>7.3f} {bound:>7}")
     return "\n".join(lines)

@@ -141,3 +141,24 @@ def _write_back(full: list[Tensor], states: list[Tensor], rows: Tensor | None) -
     if rows is None:
         return [x.flatten(0, 1) for x in states]
     return [f.index_copy(0, rows, x[0]) for f, x in zip(full, states)]
+
+
+def planned_set_sizes(k_used: Tensor, k_max: int, pad_to: Callable[[int], int] | None = None) -> list[int]:
+    """The working-set size of every iteration ``settle_compact`` runs, for tokens that take
+    ``k_used`` iterations each: its shrink rule replayed on counts alone, so a benchmark can
+    tell the work halting leaves (the sum of these over k_max x B*T) from the time it takes."""
+    counts = torch.bincount(k_used.flatten().long(), minlength=k_max + 1)
+    active_after = [int(counts[j + 1:].sum()) for j in range(k_max + 1)]  # active after iteration j
+    size, pending, sizes = k_used.numel(), None, []
+    for k in range(1, k_max + 1):
+        sizes.append(size)
+        active, pending = pending, active_after[k]  # the count read one iteration late
+        if active == 0:
+            break
+        smaller = active is not None and (pad_to is None or pad_to(active) < size)
+        if smaller and active < RECOMPACT_BELOW * size and k < k_max:
+            if active_after[k] == 0:
+                break
+            size = pad_to(active_after[k]) if pad_to is not None else active_after[k]
+            pending = None
+    return sizes
