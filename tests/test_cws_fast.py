@@ -349,26 +349,37 @@ def test_cuda_graph_training_step_matches_the_loop():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def compact_with_padding(model, ids, pad_to, rule="first", tol=0.3, k_max=12, on_step=None):
+    """``settle_compact`` called directly, with ``pad_to`` and eager steps (``on_step(h)``
+    sees each step's input): returns the settled h and the monitor."""
+    from parallax.models.cws.compact import settle_compact
+    from parallax.models.cws.halting import HaltMonitor
+
+    def step(h, cum, pool, context):
+        if on_step is not None:
+            on_step(h)
+        return model.workspace.step(h, cum, pool, context)
+
+    with torch.no_grad():
+        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        h, cum = model.workspace.initial_state(context.observation, model.pool.total_slots)
+        monitor = HaltMonitor(*ids.shape, k_max=k_max, k_min=1, rule=rule, tol=tol, enabled=True, device="cpu")
+        h, _, _ = settle_compact(step, step, model.pool, context, monitor, h, cum, k_max=k_max, pad_to=pad_to)
+    return h, monitor
+
+
 @pytest.mark.parametrize("pad", ["bucket", "plus5"])
 @pytest.mark.parametrize("rule, tol", [("first", 0.3), ("second", 0.1)])
 def test_compact_loop_with_padded_working_sets_equals_reference(pad, rule, tol, selects):
     """Working sets padded with copies of a halted token (what CUDA graphs need): same K,
     states and traces as the reference, though every copy is written back."""
     from parallax.models.cws import graphed
-    from parallax.models.cws.compact import settle_compact
-    from parallax.models.cws.halting import HaltMonitor
 
     model = tiny_model().eval()
-    batch, length = (8, 64) if pad == "bucket" else (3, 16)  # buckets start at 64 tokens
-    ids = tokens(batch, length)
+    ids = tokens(8, 64) if pad == "bucket" else tokens(3, 16)  # buckets start at 64 tokens
     ref = settle_with(model, ids, "reference", rule=rule, tol=tol)
     pad_to = graphed.bucket if pad == "bucket" else (lambda n: n + 5)
-    with torch.no_grad():
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
-        h, cum = model.workspace.initial_state(context.observation, model.pool.total_slots)
-        monitor = HaltMonitor(batch, length, k_max=12, k_min=1, rule=rule, tol=tol, enabled=True, device="cpu")
-        step = model.workspace.step
-        h, _, _ = settle_compact(step, step, model.pool, context, monitor, h, cum, k_max=12, pad_to=pad_to)
+    h, monitor = compact_with_padding(model, ids, pad_to, rule=rule, tol=tol)
     assert selects  # the set shrank, so padded sets ran
     assert selects == sorted(set(selects), reverse=True)  # every shrink made the set smaller
     if pad == "bucket":
@@ -490,8 +501,7 @@ def test_cuda_graph_in_incremental_decoding(experts, slots, graphs):
     torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA (pinned memory and events)"))])
+@pytest.mark.parametrize("device", DEVICES)
 def test_lagged_count_returns_the_previous_count(device):
     counts = LaggedCount(torch.device(device))
     seen = [counts.push(torch.tensor(n, device=device)) for n in (5, 3, 0)]
@@ -506,23 +516,12 @@ def test_lagged_count_returns_the_previous_count(device):
 def test_planned_set_sizes_replay_the_compact_loop(pad, tol):
     """The shrink rule replayed from K alone gives the sizes the loop really ran."""
     from parallax.models.cws import graphed
-    from parallax.models.cws.compact import planned_set_sizes, settle_compact
-    from parallax.models.cws.halting import HaltMonitor
+    from parallax.models.cws.compact import planned_set_sizes
 
-    model = tiny_model().eval()
-    ids = tokens(8, 64)
     pad_to = graphed.bucket if pad else None
     sizes = []
-
-    def step(h, cum, pool, context):
-        sizes.append(h.shape[0] * h.shape[1])
-        return model.workspace.step(h, cum, pool, context)
-
-    with torch.no_grad():
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
-        h, cum = model.workspace.initial_state(context.observation, model.pool.total_slots)
-        monitor = HaltMonitor(8, 64, k_max=12, k_min=1, rule="first", tol=tol, enabled=True, device="cpu")
-        settle_compact(step, step, model.pool, context, monitor, h, cum, k_max=12, pad_to=pad_to)
+    _, monitor = compact_with_padding(tiny_model().eval(), tokens(8, 64), pad_to, tol=tol,
+                                      on_step=lambda h: sizes.append(h.shape[0] * h.shape[1]))
     assert planned_set_sizes(monitor.k_used, 12, pad_to) == sizes
     if tol in (0.3, 0.6):
         assert len(set(sizes)) >= 2  # the set shrank

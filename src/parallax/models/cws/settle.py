@@ -72,7 +72,7 @@ def settle(
     )
     no_grad_step = compiled_step(workspace) if compile_step else workspace.step
     set_step = compiled_step(workspace, working_set=True) if compile_step else workspace.step
-    pad_to = None
+    pad_to = None  # set when the no-grad steps replay CUDA graphs
     if cuda_graph and graphed.usable(h, context):
         name = "compiled" if compile_step else "eager"
         no_grad_step = graphed.graphed_step(no_grad_step, workspace, pool, name)
@@ -83,7 +83,8 @@ def settle(
     if not halting:
         with torch.no_grad():
             h, cum = _no_grad_prefix(no_grad_step, pool, context, monitor, h, cum, k_max - live)
-            h, cum = h.clone(), cum.clone()  # not a graph's buffers, which its next replay overwrites
+            if pad_to is not None:  # graphed: copies, not the graph's buffers, which its next replay overwrites
+                h, cum = h.clone(), cum.clone()
         for k in range(k_max - live + 1, k_max + 1):
             h, cum, raw = workspace.step(h, cum, pool, context)
             monitor.observe(k, raw)
