@@ -29,7 +29,8 @@ def test_unknown_key_names_valid_keys():
     "override, fragment",
     [("train.steps=abc", "train.steps must be int"), ("train.compile=maybe", "must be bool"),
      ("nosection.x=1", "unknown config section"), ("train.steps", "section.key=value"),
-     ("model.name=nonexistent", "unknown model"), ("train.compile_mode=fast", "compile_mode must be one of")],
+     ("model.name=nonexistent", "unknown model"), ("train.compile_mode=fast", "compile_mode must be one of"),
+     ("train.eval_every=0", "eval_every must be at least 1"), ("train.batch_size=0", "batch_size must be at least 1")],
 )
 def test_bad_values_are_one_line_errors(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -76,6 +76,12 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"train.{name} must be at least 1, got {getattr(self, name)}"
+                    + (" (it counts steps: set it above train.steps to act only at the end)" if "every" in name else "")
+                )
         if self.parallel not in ("none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be none, ddp or fsdp, got {self.parallel!r}")
         if self.compile_mode not in COMPILE_MODES:
