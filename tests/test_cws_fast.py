@@ -15,7 +15,16 @@ from parallax.models.cws.compact import RECOMPACT_BELOW, LaggedCount
 from parallax.models.cws.pool import TokenContext
 from parallax.models.cws.settle import settle
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "small_buckets")
+
+
+@pytest.fixture
+def small_buckets(monkeypatch):
+    """Working sets padded from 64 tokens up, so the tests' grids of a few hundred tokens
+    shrink under padding too (the default starts higher, see ``graphed.SMALLEST_BUCKET``)."""
+    from parallax.models.cws import graphed
+
+    monkeypatch.setattr(graphed, "SMALLEST_BUCKET", 64)
 
 VOCAB = 24
 POOLS = {
@@ -64,12 +73,12 @@ def selects(monkeypatch):
 def shrinks(k_used, k_max):
     """Whether the compact loop shrinks its set, from the reference's K per token: the count
     of active tokens after iteration k - 1 is read at the end of iteration k; the first
-    share below the threshold shrinks the set to the tokens active after iteration k, unless
-    that is none or k is the last iteration."""
+    share below the threshold shrinks the set to that many tokens, unless that is none
+    (the loop ends) or k is the last iteration."""
     active = [(k_used > j).sum().item() for j in range(k_max + 1)]  # after iteration j
     n = k_used.numel()
     first = next((k for k in range(2, k_max + 1) if active[k - 1] < RECOMPACT_BELOW * n), None)
-    return first is not None and first < k_max and active[first] > 0
+    return first is not None and first < k_max and active[first - 1] > 0
 
 
 def assert_same_settling(fast, ref):
@@ -352,27 +361,32 @@ def test_cuda_graph_training_step_matches_the_loop():
 def compact_with_padding(model, ids, pad_to, rule="first", tol=0.3, k_max=12, on_step=None):
     """``settle_compact`` called directly, with ``pad_to`` and eager steps (``on_step(h)``
     sees each step's input): returns the settled h and the monitor."""
-    from parallax.models.cws.compact import settle_compact
+    from parallax.models.cws.compact import Iterations, settle_compact
     from parallax.models.cws.halting import HaltMonitor
 
-    def step(h, cum, pool, context):
-        if on_step is not None:
-            on_step(h)
-        return model.workspace.step(h, cum, pool, context)
+    class Watched(Iterations):
+        def __call__(self, k, states, rows, context):
+            if on_step is not None:
+                on_step(states[0])
+            return super().__call__(k, states, rows, context)
 
     with torch.no_grad():
         context = model.pool.token_clocked(model.embed(ids), 0, None)
         h, cum = model.workspace.initial_state(context.observation, model.pool.total_slots)
-        monitor = HaltMonitor(*ids.shape, k_max=k_max, k_min=1, rule=rule, tol=tol, enabled=True, device="cpu")
-        h, _, _ = settle_compact(step, step, model.pool, context, monitor, h, cum, k_max=k_max, pad_to=pad_to)
+        monitor = HaltMonitor(
+            *ids.shape, width=cum.shape[-2] * cum.shape[-1], k_max=k_max, k_min=1, rule=rule, tol=tol,
+            enabled=True, device="cpu",
+        )
+        iterations = Watched(model.workspace, model.pool, monitor, compiled=False)
+        h, _, _ = settle_compact(iterations, context, h, cum, k_max=k_max, pad_to=pad_to)
     return h, monitor
 
 
 @pytest.mark.parametrize("pad", ["bucket", "plus5"])
 @pytest.mark.parametrize("rule, tol", [("first", 0.3), ("second", 0.1)])
 def test_compact_loop_with_padded_working_sets_equals_reference(pad, rule, tol, selects):
-    """Working sets padded with copies of a halted token (what CUDA graphs need): same K,
-    states and traces as the reference, though every copy is written back."""
+    """Working sets padded with halted tokens (what CUDA graphs need): same K, states and
+    traces as the reference, though the padding is written back."""
     from parallax.models.cws import graphed
 
     model = tiny_model().eval()
@@ -411,7 +425,77 @@ def test_cuda_graph_compact_loop_equals_reference(compile_step, inductor, select
         torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
     assert selects  # the set did shrink
     names = {key[0][0] for key in graphed_keys(model)}  # key[0] holds the step name first
-    assert any(name.endswith("working set") for name in names), names  # the shrunken sets were graphed
+    assert names == {f"{'compiled' if compile_step else 'eager'} iteration"}, names  # whole iterations
+    assert sum(key[1] is not None for key in graphed_keys(model)) >= 2  # ... also of shrunken sets (key[1]: size)
+
+
+class _ReplayedOnCPU:
+    """Stands in for a CUDA graph where there is none: ``replay`` reruns what was captured
+    and writes the results into the tensors the capture returned, as a graph would."""
+
+    def __init__(self, run, outputs):
+        self.run, self.outputs = run, outputs
+
+    def replay(self):
+        outputs, new = self.outputs, self.run()
+        for out, x in zip(*(o if isinstance(o, tuple) else (o,) for o in (outputs, new))):
+            out.copy_(x)
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    """The CUDA-graph bookkeeping (keys, buffers, the reused monitor, warm-up and restore) run
+    on CPU, each capture replaced by a ``_ReplayedOnCPU``."""
+    from collections import OrderedDict
+
+    from parallax.models.cws import graphed
+
+    def init(self):
+        self.steps, self.monitors = OrderedDict(), {}
+
+    def capture(self, run, restore=lambda: None):
+        outputs = run()  # a warm-up run, whose tensors stand for the graph's outputs
+        restore()
+        return _ReplayedOnCPU(run, outputs), outputs
+
+    monkeypatch.setattr(graphed._Graphs, "__init__", init)
+    monkeypatch.setattr(graphed._Graphs, "capture", capture)
+    monkeypatch.setattr(graphed, "usable", lambda h, context: True)
+
+
+@pytest.mark.parametrize("rule, tol", [("first", 0.3), ("second", 0.1)])
+def test_graphed_compact_iterations_equal_the_reference(graphs_on_cpu, rule, tol, selects):
+    """Whole iterations replayed (monitor, masks and count inside the capture), the set padded
+    to buckets: the reference's K, states and traces, also when a second call replays."""
+    model = tiny_model().eval()
+    for seed in range(2):
+        ids = tokens(8, 64, seed=seed)
+        ref = settle_with(model, ids, "reference", rule=rule, tol=tol)
+        fast = settle_with(model, ids, "compact", rule=rule, tol=tol, cuda_graph=True)
+        assert_same_settling(fast, ref)
+    keys = graphed_keys(model)
+    assert selects and len(keys) == 1 + len(set(selects))  # the grid and one capture per set size
+    assert {key[0][0] for key in keys} == {"eager iteration"}
+
+
+def test_graphed_compact_iterations_train_like_the_reference(graphs_on_cpu):
+    """halt_in_training, live_steps 2: the ring of earlier states kept in the capture's buffers."""
+    ids = tokens(batch=8, length=64)
+    results = {}
+    for loop, cuda_graph in (("reference", False), ("compact", True)):
+        model = tiny_model(halting=True, halt_in_training=True, halt_tol=0.6, live_steps=2, loop=loop,
+                           cuda_graph=cuda_graph).train()
+        for _ in range(2):
+            model.zero_grad()
+            out = model(ids, targets=ids)
+            out.loss.backward()
+        results[loop] = out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (fast, grads), (ref, ref_grads) = results["compact"], results["reference"]
+    assert graphed_keys(model)
+    assert torch.equal(fast.diagnostics["k_used"], ref.diagnostics["k_used"])
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @cuda_only

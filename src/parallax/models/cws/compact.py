@@ -6,12 +6,11 @@ halted tokens with masks, so halting saves no work. This loop keeps a working se
 gathered into (1, N, ...) rows (``TokenContext.select``). Tokens that halt stay in the set,
 frozen by masks as in the reference, until the active ones fall below ``RECOMPACT_BELOW``
 of the set; then the set's state is written back to the full grid and the set shrinks to
-the active tokens. So the set never holds more than 4/3 of the active tokens, and there are
-at most log(B*T) / log(4/3) gathers per call (about 35 for 32 x 512 tokens), each moving
-about one iteration's inputs for the set: cheap against the iteration's S*d^2 per token.
-Under CUDA graphs the set is padded to a bucket size (``pad_to``): then it holds at most
-5/4 x 4/3 of the active tokens, or the smallest bucket, and it shrinks only when the padded
-size is smaller than the set.
+about the active tokens. So the set never holds much more than 4/3 of the active tokens,
+and there are at most log(B*T) / log(4/3) gathers per call (about 35 for 32 x 512 tokens),
+each moving about one iteration's inputs for the set: cheap against the iteration's S*d^2
+per token. Under CUDA graphs the set is padded to a bucket size (``pad_to``): then it holds
+at most 5/4 x 4/3 of the active tokens, or the smallest bucket.
 (A threshold of 1/2 measured the same on CPU within noise; it allows twice the active work.)
 
 Everything per token (the state, the cum accumulator, the SSM's proposals, the grounding,
@@ -23,12 +22,17 @@ own sequence and causal position without gathering keys per token.
 Shrinking and stopping need the number of active tokens on the host. The loop reads it one
 iteration late (``LaggedCount``): on CUDA the count is copied to pinned memory without
 blocking, and the host waits only for the previous iteration while the current one is already
-queued, so the GPU is never left idle by the read. So the set shrinks, and the loop ends, one
-iteration after the count says so; the extra iteration is a masked no-op for halted tokens.
+queued, so the GPU is never left idle by the read. So the loop ends one iteration after the
+count says so (the extra iteration is a masked no-op), and a shrink after iteration k keeps
+as many tokens as were active after iteration k - 1 (the number the host has): those still
+active after iteration k first, then halted ones, which iterations leave as they are. Ordering
+the set's tokens so needs no host read; selecting just the active ones would wait for the
+GPU to finish iteration k before the next could be queued.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -36,6 +40,7 @@ from torch import Tensor
 
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
+from parallax.models.cws.workspace import Workspace
 
 RECOMPACT_BELOW = 0.75  # shrink the working set when its active share falls below this
 
@@ -75,13 +80,85 @@ def _keep(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(mask.view(*mask.shape, *[1] * (new.dim() - mask.dim())), new, old)
 
 
+def iterate(
+    step: Callable, pool: ExpertPool, context: TokenContext, monitor: HaltMonitor,
+    states: list[Tensor], rows: Tensor | None, k: int | Tensor,
+) -> Tensor:
+    """Iteration ``k`` of the tokens ``rows`` (None: the whole grid), in place.
+
+    ``states`` is [h, cum] followed by the training replay's ring of earlier [h, cum] pairs,
+    oldest first, each shifted one along where a token still runs. Returns how many of
+    these tokens are still active after it (a 0-dim device tensor). Everything it touches is
+    updated in place, so a CUDA graph can capture it whole (``graphed.GraphedIterations``).
+    """
+    running = monitor.running(rows)
+    ring = states[2:]
+    for old, new in zip(ring, ring[2:] + states[:2]):  # oldest first: each reads a not yet shifted one
+        old.copy_(_keep(running, new, old))
+    h_next, cum_next, raw = step(states[0], states[1], pool, context)
+    monitor.observe(k, raw, rows)
+    states[0].copy_(_keep(running, h_next, states[0]))
+    states[1].copy_(_keep(running, cum_next, states[1]))
+    return monitor.running(rows).sum()
+
+
+class Iterations:
+    """Runs the compact loop's iterations (``iterate``) on the whole grid and on working sets.
+
+    ``compiled``: each iteration (the workspace step, the monitor and the masks) runs through
+    ``torch.compile``, static shapes on the whole grid and dynamic ones on the shrinking set,
+    so the monitor's and masks' small kernels are fused with the step's instead of launched
+    one by one (at a set of a few dozen tokens each kernel costs its launch, not its work).
+    """
+
+    def __init__(self, workspace: Workspace, pool: ExpertPool, monitor: HaltMonitor, compiled: bool):
+        self.workspace, self.pool, self.monitor, self.compiled = workspace, pool, monitor, compiled
+
+    def load(
+        self, states: list[Tensor], rows: Tensor | None, context: TokenContext
+    ) -> tuple[list[Tensor], TokenContext]:
+        """The states and context to iterate from now on: the grid's (``rows`` None) or those
+        of the tokens ``rows`` of the (B*T, ...) ``states`` and the grid's ``context``."""
+        if rows is None:
+            return states, context
+        return [x[rows].unsqueeze(0) for x in states], context.select(rows)
+
+    def __call__(self, k: int, states: list[Tensor], rows: Tensor | None, context: TokenContext) -> Tensor:
+        return self.function(rows)(self.workspace, self.pool, context, self.monitor, states, rows, self.number(k))
+
+    def function(self, rows: Tensor | None) -> Callable:
+        """``iterate`` with the workspace's step, compiled or not, for the grid or a set."""
+        if not self.compiled:
+            return _iterate_workspace
+        return _compiled_iteration(working_set=rows is not None)
+
+    def number(self, k: int) -> int | Tensor:
+        """The iteration number as the function takes it: compiled, a device tensor (an int
+        would be a constant of the compiled graph, recompiled for the next k)."""
+        return torch.full((), k, device=self.monitor.flat_active.device) if self.compiled else k
+
+
+def _iterate_workspace(workspace: Workspace, pool, context, monitor, states, rows, k) -> Tensor:
+    return iterate(lambda *args: Workspace.step(workspace, *args), pool, context, monitor, states, rows, k)
+
+
+def _iterate_working_set(workspace: Workspace, pool, context, monitor, states, rows, k) -> Tensor:
+    """``_iterate_workspace`` under a code object of its own, so its dynamic-shape graphs are
+    cached apart from the whole grid's static ones (dynamo caches per code object)."""
+    return iterate(lambda *args: Workspace.step(workspace, *args), pool, context, monitor, states, rows, k)
+
+
+@functools.cache
+def _compiled_iteration(working_set: bool) -> Callable:
+    """Compiled once per process for every workspace (modules are inlined, as in
+    ``workspace.compiled_step``)."""
+    return torch.compile(_iterate_working_set if working_set else _iterate_workspace)
+
+
 @torch.no_grad()
 def settle_compact(
-    full_step: Callable,
-    set_step: Callable,
-    pool: ExpertPool,
+    iterations: Iterations,
     context: TokenContext,
-    monitor: HaltMonitor,
     h: Tensor,
     cum: Tensor,
     *,
@@ -93,43 +170,33 @@ def settle_compact(
     and, for the training replay, a ring of the last ``history`` states before each token's
     iterations (as ``settle._reference_ring_loop``), all on the full grid.
 
-    ``full_step`` (the workspace step, maybe compiled with static shapes) runs while the set is
-    the whole grid; ``set_step`` (eager, or compiled with dynamic shapes) runs the shrunken
-    set, whose size changes. ``pad_to`` (for CUDA graphs, which need a few fixed sizes) maps
-    the number of active tokens to the set's size; the extra rows repeat one halted token,
-    which every iteration leaves as it is, so its copies agree wherever they are written.
+    ``pad_to`` (for CUDA graphs, which need a few fixed sizes) maps the number of active
+    tokens to the set's size; the extra rows are halted tokens, which every iteration leaves as
+    they are.
     """
     grid = h.shape[:2]
-    states = [h, cum] * (1 + history)  # [h, cum, ring_0 h, ring_0 cum, ...], grid or (1, N) rows
-    full = [x.flatten(0, 1) for x in states]  # the same as (B*T, ...), written back on shrinking
+    monitor = iterations.monitor
+    states = [x.clone() for x in [h, cum] * (1 + history)]  # [h, cum, ring_0 h, ring_0 cum, ...]
     rows: Tensor | None = None  # flat indices of the working set; None: the whole grid
-    ctx = context
+    states, ctx = iterations.load(states, rows, context)
+    full: list[Tensor] = []  # the (B*T, ...) grid, written back on every shrink
     counts = LaggedCount(h.device)
     for k in range(1, k_max + 1):
-        running = monitor.active if rows is None else monitor.flat_active[rows].unsqueeze(0)
-        if history:
-            ring = states[2:]
-            states[2:] = [_keep(running, new, old) for old, new in zip(ring, ring[2:] + states[:2])]
-        step = full_step if rows is None else set_step
-        h_next, cum_next, raw = step(states[0], states[1], pool, ctx)
-        monitor.observe(k, raw, rows)
-        states[0], states[1] = _keep(running, h_next, states[0]), _keep(running, cum_next, states[1])
-        still = monitor.flat_active if rows is None else monitor.flat_active[rows]
-        active = counts.push(still.sum())  # active after iteration k - 1, in the same set
+        active = counts.push(iterations(k, states, rows, ctx))  # active after iteration k - 1
         if active == 0:
             break  # iteration k was a masked no-op
-        smaller = active is not None and (pad_to is None or pad_to(active) < still.numel())
-        if smaller and active < RECOMPACT_BELOW * still.numel() and k < k_max:
-            kept = still.nonzero().squeeze(1) if rows is None else rows[still]
-            if kept.numel() == 0:  # a host read, once per shrink
-                break
-            if pad_to is not None:
-                halted = torch.argmin(monitor.flat_active.to(torch.uint8))  # one exists: the set shrank
-                kept = torch.cat([kept, halted.expand(pad_to(kept.numel()) - kept.numel())])
+        size = states[0].shape[:2].numel()  # (B, T) or (1, N)
+        if active is None or active >= RECOMPACT_BELOW * size or k == k_max:
+            continue
+        new_size = active if pad_to is None else pad_to(active)
+        if new_size < size:
+            still = monitor.flat_active if rows is None else monitor.flat_active[rows]
+            # the tokens active after iteration k first (no more than after k - 1), then halted
+            # ones: sorting, unlike selecting the active ones, needs no host read of their number
+            kept = torch.argsort(~still, stable=True)[:new_size]
             full = _write_back(full, states, rows)
-            rows = kept
-            states = [x[rows].unsqueeze(0) for x in full]
-            ctx = context.select(rows)
+            rows = kept if rows is None else rows[kept]
+            states, ctx = iterations.load(full, rows, context)
             counts.reset()  # the queued count is of the old set
     full = _write_back(full, states, rows)
     full = [x.view(*grid, *x.shape[1:]) for x in full]
@@ -137,10 +204,14 @@ def settle_compact(
 
 
 def _write_back(full: list[Tensor], states: list[Tensor], rows: Tensor | None) -> list[Tensor]:
-    """The (B*T, ...) grid tensors with the working set's rows replaced by its states."""
+    """The (B*T, ...) grid tensors with the working set's rows replaced by its states (the
+    grid's own tensors: the states may be a CUDA graph's buffers, which its next call
+    overwrites)."""
     if rows is None:
-        return [x.flatten(0, 1) for x in states]
-    return [f.index_copy(0, rows, x[0]) for f, x in zip(full, states)]
+        return [x.flatten(0, 1).clone() for x in states]
+    for f, x in zip(full, states):
+        f.index_copy_(0, rows, x[0])
+    return full
 
 
 def planned_set_sizes(k_used: Tensor, k_max: int, pad_to: Callable[[int], int] | None = None) -> list[int]:
@@ -149,16 +220,16 @@ def planned_set_sizes(k_used: Tensor, k_max: int, pad_to: Callable[[int], int] |
     tell the work halting leaves (the sum of these over k_max x B*T) from the time it takes."""
     counts = torch.bincount(k_used.flatten().long(), minlength=k_max + 1)
     active_after = [int(counts[j + 1:].sum()) for j in range(k_max + 1)]  # active after iteration j
-    size, pending, sizes = k_used.numel(), None, []
+    size, lagged, sizes = k_used.numel(), False, []  # lagged: a count of this set has been read
     for k in range(1, k_max + 1):
         sizes.append(size)
-        active, pending = pending, active_after[k]  # the count read one iteration late
+        active = active_after[k - 1] if lagged else None  # the count read one iteration late
+        lagged = True
         if active == 0:
             break
-        smaller = active is not None and (pad_to is None or pad_to(active) < size)
-        if smaller and active < RECOMPACT_BELOW * size and k < k_max:
-            if active_after[k] == 0:
-                break
-            size = pad_to(active_after[k]) if pad_to is not None else active_after[k]
-            pending = None
+        if active is None or active >= RECOMPACT_BELOW * size or k == k_max:
+            continue
+        new_size = active if pad_to is None else pad_to(active)
+        if new_size < size:
+            size, lagged = new_size, False
     return sizes

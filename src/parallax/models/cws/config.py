@@ -61,10 +61,12 @@ class CWSConfig(ModelConfig):
     # sum, the same values for 2 instead of 2 S d x d products per token (the plain twin is
     # "projected")
     read: str = "absorbed"
-    compile_step: bool = False  # torch.compile the no-grad workspace iterations (working set: dynamic shapes)
-    # replay every no-grad workspace step from CUDA graphs (graphed.py; the compact loop's
-    # working set padded to a few sizes); CUDA only, not under a whole-model torch.compile nor
-    # in incremental decoding with an attention probe
+    # torch.compile the no-grad workspace iterations (the compact loop's whole iteration, monitor
+    # included; its working set with dynamic shapes)
+    compile_step: bool = False
+    # replay every no-grad iteration from CUDA graphs (graphed.py; the compact loop's whole
+    # iteration, its working set padded to a few sizes); CUDA only, not under a whole-model
+    # torch.compile nor in incremental decoding with an attention probe
     cuda_graph: bool = False
     # motor decoder
     decoder_window: int = 16

@@ -1,24 +1,30 @@
-"""No-grad workspace steps replayed from CUDA graphs (``CWSConfig.cuda_graph``).
+"""No-grad workspace iterations replayed from CUDA graphs (``CWSConfig.cuda_graph``).
 
 An eager step launches a few hundred small kernels and a compiled one still dozens, each
 paying the host's launch time; at d 512 that, not the GPU, bounds the loop (BENCHMARKS.md).
 A captured step is one launch. Every no-grad iteration of ``settle`` can use one:
 
 * halting off (all k_max iterations in evaluation, the first k_max - live_steps in
-  training): the same shapes every iteration, so one graph serves all of them (two under
-  autocast: iteration 1 takes the fp32 h_0, the others bf16 states); also in incremental
-  decoding when the pool has no attention probe (then every token has the same shapes);
-* halting on, compact loop: the working set shrinks, so its size is padded to one of a few
-  dozen buckets (``bucket``) and each bucket has its graph. Halting then saves GPU work
-  without paying hundreds of launches for every iteration of a small set.
+  training): the same shapes every iteration, so one graph of the step serves all of them
+  (two under autocast: iteration 1 takes the fp32 h_0, the others bf16 states); also in
+  incremental decoding when the pool has no attention probe (then every token has the same
+  shapes). The halting monitor observes each replay's raw logits eagerly; nothing waits
+  for it, so its launches overlap the GPU's work.
+* halting on, compact loop (``GraphedIterations``): the whole iteration is captured, the
+  step with the monitor, the masks and the active count, since the loop reads that count
+  every iteration and would otherwise wait on dozens of launches per iteration. The working
+  set shrinks, so its size is padded to one of a few dozen buckets (``bucket``) and each
+  bucket has its capture. Halting then saves GPU work without paying the launches of every
+  iteration of a small set.
 
-A graph of one step, replayed per iteration, keeps memory independent of K (a capture of
-the whole halting-off loop peaked higher with every iteration captured: 297 / 337 / 376 MiB
-at K = 8 / 24 / 48 in one training step, H200). The halting monitor observes each replay's
-raw logits eagerly, as in the plain loops.
+A graph of one iteration, replayed per iteration, keeps memory independent of K (a capture
+of the whole halting-off loop peaked higher with every iteration captured: 297 / 337 / 376
+MiB at K = 8 / 24 / 48 in one training step, H200).
 
 What a replay reads must live at fixed addresses: the state and token context are copied
-into buffers owned by the graph (the context once per new context), and the weights are
+into buffers owned by the graph (the context once per new context; a working set's rows
+are gathered straight into them), the halting monitor is one per grid and settings, reset
+for each call (``halt_monitor``), and the weights are
 read where they are, so a graph is keyed by the addresses of the weights and buffers as well
 as by every shape, dtype and precision setting (an optimizer's in-place update keeps the
 addresses; ``model.to(...)`` or a RoPE table grown for a longer sequence makes new graphs).
@@ -43,25 +49,62 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from parallax.models.cws.compact import Iterations
+from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
 
 GRAPHS_PER_WORKSPACE = 64  # the compact loop visits one working-set size per shrink
 WARMUP_RUNS = 3  # on a side stream before capture: compilation, cuBLAS workspaces, allocator
 BUCKET_STEPS = (1.0, 1.25, 1.5, 1.75)  # working-set sizes: 2^e times one of these
-SMALLEST_BUCKET = 64
+# below this many tokens an iteration costs its kernels' launch latency, not its work, so
+# shrinking the set further only adds shrinks (H200: BENCHMARKS.md)
+SMALLEST_BUCKET = 512
 
 
 class _Graphs:
-    """A workspace's captured steps, oldest first, sharing one memory pool and the side stream
-    their warm-up runs on."""
+    """A workspace's captures, oldest first, sharing one memory pool and the side stream
+    their warm-up runs on, and the halting monitors whose buffers the compact loop's
+    captures read."""
 
     def __init__(self):
         self.memory = torch.cuda.graph_pool_handle()
         self.side = torch.cuda.Stream()
         self.steps: OrderedDict = OrderedDict()
+        self.monitors: dict = {}
+
+    def keep(self, key, capture: Callable):
+        """The capture under ``key``, made by ``capture()`` if there is none."""
+        captured = self.steps.get(key)
+        if captured is None:
+            captured = self.steps[key] = capture()
+            while len(self.steps) > GRAPHS_PER_WORKSPACE:
+                self.steps.popitem(last=False)
+        self.steps.move_to_end(key)
+        return captured
+
+    def capture(self, run: Callable, restore: Callable[[], None] = lambda: None):
+        """A CUDA graph of ``run()`` and its outputs, after warm-up runs on the side stream
+        (``restore()`` then undoes what they changed in place)."""
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            for _ in range(WARMUP_RUNS):
+                run()
+        torch.cuda.current_stream().wait_stream(self.side)
+        restore()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.memory):
+            outputs = run()
+        return graph, outputs
 
 
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _graphs_of(workspace) -> _Graphs:
+    graphs = _graphs.get(workspace)
+    if graphs is None:
+        graphs = _graphs[workspace] = _Graphs()
+    return graphs
 
 
 def usable(h: Tensor, context: TokenContext) -> bool:
@@ -82,6 +125,36 @@ def bucket(n: int) -> int:
     return next(size for f in (*BUCKET_STEPS, 2.0) if (size := math.ceil(base * f)) >= n)
 
 
+def halt_monitor(workspace, batch: int, length: int, **settings) -> HaltMonitor:
+    """A reset ``HaltMonitor`` that stays at the same addresses from call to call, so the
+    compact loop's captures, which read and write it, can be replayed by the next call."""
+    monitors = _graphs_of(workspace).monitors
+    key = (batch, length, *sorted(settings.items()))
+    monitor = monitors.get(key)
+    if monitor is None:
+        monitor = monitors[key] = HaltMonitor(batch, length, **settings)
+    else:
+        monitor.reset()
+    return monitor
+
+
+def _fixed_key(workspace, pool: ExpertPool, step_name: str) -> tuple:
+    """What stays fixed through one settle call, looked up once per call rather than per
+    step: the addresses of parameters and buffers (RoPE tables are replaced when a longer
+    sequence comes) and the precision settings."""
+    return (
+        step_name, workspace.config.read,
+        tuple(t.data_ptr() for m in (workspace, pool) for t in (*m.parameters(), *m.buffers())),
+        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+        torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+    )
+
+
+def _context_key(context: TokenContext, tensors: list[Tensor]) -> tuple:
+    return (context.grid, tuple(context.fixed), context.grounding is None,
+            tuple((t.shape, t.dtype, t.device) for t in tensors))
+
+
 def graphed_step(step: Callable, workspace, pool: ExpertPool, step_name: str) -> Callable:
     """``step`` replayed from CUDA graphs, one captured per set of input shapes and dtypes.
 
@@ -89,32 +162,48 @@ def graphed_step(step: Callable, workspace, pool: ExpertPool, step_name: str) ->
     workspace's graphs overwrites them, so use them (or copy them) at once. ``step_name``
     tells eager and compiled steps apart (both are capturable).
     """
-    graphs = _graphs.get(workspace)
-    if graphs is None:
-        graphs = _graphs[workspace] = _Graphs()
-    # what stays fixed through one settle call, looked up once per call rather than per step:
-    # the addresses of parameters and buffers (RoPE tables are replaced when a longer sequence
-    # comes) and the precision settings
-    fixed = (
-        step_name, workspace.config.read,
-        tuple(t.data_ptr() for m in (workspace, pool) for t in (*m.parameters(), *m.buffers())),
-        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-        torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-    )
+    graphs = _graphs_of(workspace)
+    fixed = _fixed_key(workspace, pool, step_name)
 
     def call(h: Tensor, cum: Tensor, _pool: ExpertPool, context: TokenContext):
-        tensors = [h, cum, *_context_tensors(context)]
-        key = (fixed, context.grid, tuple(context.fixed), context.grounding is None,
-               tuple((t.shape, t.dtype, t.device) for t in tensors))
-        captured = graphs.steps.get(key)
-        if captured is None:
-            captured = graphs.steps[key] = _CapturedStep(step, pool, context, h, cum, graphs)
-            while len(graphs.steps) > GRAPHS_PER_WORKSPACE:
-                graphs.steps.popitem(last=False)
-        graphs.steps.move_to_end(key)
+        key = (fixed, _context_key(context, [h, cum, *_context_tensors(context)]))
+        captured = graphs.keep(key, lambda: _CapturedStep(step, pool, context, h, cum, graphs))
         return captured.run(h, cum, context)
 
     return call
+
+
+class GraphedIterations(Iterations):
+    """The compact loop's iterations, each replayed whole from a CUDA graph: the step, the
+    halting monitor, the masks and the active count (``compact.iterate``), one capture per
+    working-set size. The host then launches one graph per iteration and reads the count,
+    instead of launching the monitor's and masks' few dozen kernels itself.
+
+    A capture iterates its own buffers in place: ``load`` copies a new working set's states
+    (and its rows and context) in and hands the buffers back to the loop. The monitor must
+    stay at the same addresses from call to call (``halt_monitor``); the iteration number
+    is a device tensor the host fills before each replay.
+    """
+
+    def __init__(self, workspace, pool: ExpertPool, monitor: HaltMonitor, compiled: bool):
+        super().__init__(workspace, pool, monitor, compiled)
+        self.graphs = _graphs_of(workspace)
+        self.fixed = (
+            *_fixed_key(workspace, pool, f"{'compiled' if compiled else 'eager'} iteration"),
+            tuple(x.data_ptr() for x in monitor.tensors()), monitor.rule, monitor.tol, monitor.k_min,
+        )
+        self.current: _CapturedIteration | None = None
+
+    def load(self, states, rows, context):
+        size = None if rows is None else rows.numel()  # with the grid's shapes, the set's
+        key = (self.fixed, size, _context_key(context, [*states, *_context_tensors(context)]))
+        self.current = self.graphs.keep(
+            key, lambda: _CapturedIteration(self, *Iterations.load(self, states, rows, context), rows)
+        )
+        return self.current.load(states, rows, context), self.current.context
+
+    def __call__(self, k, states, rows, context):
+        return self.current.run(k)
 
 
 def _context_tensors(context: TokenContext) -> list[Tensor]:
@@ -122,35 +211,38 @@ def _context_tensors(context: TokenContext) -> list[Tensor]:
     return out + [x for x in (context.grounding, context.rows) if x is not None]
 
 
+def _clone_context(context: TokenContext) -> TokenContext:
+    return TokenContext(
+        observation=context.observation.clone(),
+        grounding=None if context.grounding is None else context.grounding.clone(),
+        fixed={name: x.clone() for name, x in context.fixed.items()},
+        probe_kv=None if context.probe_kv is None else tuple(x.clone() for x in context.probe_kv),
+        rows=None if context.rows is None else context.rows.clone(),
+        grid=context.grid,
+    )
+
+
+def _autocast_run(fn: Callable) -> Callable:
+    """``fn`` under the current autocast settings, without its weight-cast cache (a cached
+    cast would be a tensor of the capture's step, not of the weights at each replay)."""
+    dtype = torch.get_autocast_dtype("cuda")
+    enabled = torch.is_autocast_enabled("cuda")
+
+    def run():
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            return fn()
+
+    return run
+
+
 class _CapturedStep:
     """One captured workspace step, reading its input buffers and writing its outputs."""
 
     def __init__(self, step, pool, context, h, cum, graphs: _Graphs):
         self.h, self.cum = h.clone(), cum.clone()
-        self.context = TokenContext(
-            observation=context.observation.clone(),
-            grounding=None if context.grounding is None else context.grounding.clone(),
-            fixed={name: x.clone() for name, x in context.fixed.items()},
-            probe_kv=None if context.probe_kv is None else tuple(x.clone() for x in context.probe_kv),
-            rows=None if context.rows is None else context.rows.clone(),
-            grid=context.grid,
-        )
+        self.context = _clone_context(context)
         self.source = weakref.ref(context)  # the context now in the buffers
-        dtype = torch.get_autocast_dtype("cuda")
-        enabled = torch.is_autocast_enabled("cuda")
-
-        def run():
-            with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-                return step(self.h, self.cum, pool, self.context)
-
-        graphs.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(graphs.side):
-            for _ in range(WARMUP_RUNS):
-                run()
-        torch.cuda.current_stream().wait_stream(graphs.side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=graphs.memory):
-            self.outputs = run()
+        self.graph, self.outputs = graphs.capture(_autocast_run(lambda: step(self.h, self.cum, pool, self.context)))
 
     def run(self, h: Tensor, cum: Tensor, context: TokenContext) -> tuple[Tensor, Tensor, Tensor]:
         if self.source() is not context:  # a new context: copied once, then reused every iteration
@@ -161,3 +253,52 @@ class _CapturedStep:
         self.cum.copy_(cum)
         self.graph.replay()
         return self.outputs
+
+
+class _CapturedIteration:
+    """One captured ``compact.iterate`` over buffers of its own: states, rows, context and
+    the iteration number; its output is the active count."""
+
+    def __init__(self, iterations: GraphedIterations, states, context, rows):
+        self.states = [x.clone() for x in states]
+        self.rows = None if rows is None else rows.clone()
+        self.context = _clone_context(context)
+        self.k = torch.full((), 2, dtype=torch.long, device=states[0].device)
+        function, workspace, pool = iterations.function(rows), iterations.workspace, iterations.pool
+        monitor = iterations.monitor
+        saved = [x.clone() for x in monitor.tensors()]
+
+        def restore():  # the warm-up runs iterated the monitor in place
+            for x, before in zip(monitor.tensors(), saved):
+                x.copy_(before)
+
+        self.graph, self.count = iterations.graphs.capture(
+            _autocast_run(lambda: function(workspace, pool, self.context, monitor, self.states, self.rows, self.k)),
+            restore,
+        )
+
+    def load(self, states, rows, context) -> list[Tensor]:
+        """Fill the buffers with the grid's states (``rows`` None) or with the rows ``rows``
+        of the (B*T, ...) ``states`` and of the grid's context, gathered straight into them;
+        the loop then iterates the returned buffers."""
+        if rows is None:
+            for buffer, x in zip([*self.states, *_context_tensors(self.context)], [*states, *_context_tensors(context)]):
+                buffer.copy_(x)
+            return self.states
+        for buffer, x in zip(self.states, states):
+            torch.index_select(x, 0, rows, out=buffer[0])
+        per_token = [context.observation, context.grounding, *context.fixed.values()]
+        into = [self.context.observation, self.context.grounding, *self.context.fixed.values()]
+        for buffer, x in zip(into, per_token):
+            if x is not None:
+                torch.index_select(x.flatten(0, 1), 0, rows, out=buffer[0])
+        for buffer, x in zip(self.context.probe_kv or (), context.probe_kv or ()):
+            buffer.copy_(x)
+        self.rows.copy_(rows)
+        self.context.rows.copy_(rows)
+        return self.states
+
+    def run(self, k: int) -> Tensor:
+        self.k.fill_(k)
+        self.graph.replay()
+        return self.count

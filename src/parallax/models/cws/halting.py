@@ -46,26 +46,44 @@ def _write(x: Tensor, rows: Tensor | None, value: Tensor) -> None:
         x.index_copy_(0, rows, value)
 
 
+def _rows_replaced(x: Tensor, rows: Tensor | None, value: Tensor) -> Tensor:
+    return value if rows is None else x.index_copy(0, rows, value)
+
+
 class HaltMonitor:
     """Tracks each token's raw-logit momentum, its iteration count and whether it still runs.
 
     ``active`` (B, T) bool: still iterating. ``k_used`` (B, T) float: iterations done.
-    ``trace`` (B, T, k_max) float: delta_k at index k-1.
+    ``trace`` (B, T, k_max) float: delta_k at index k-1. ``width`` is the number of raw
+    logits per token (heads x slots).
+
+    Every tensor is allocated once and updated in place, and ``observe`` takes the iteration
+    number as an int or as a 0-dim device tensor, so a CUDA graph can capture it
+    (``graphed.py``). ``active`` is a view: copy it to keep what it said before an ``observe``.
     """
 
     def __init__(
-        self, batch: int, length: int, *, k_max: int, k_min: int, rule: str, tol: float,
+        self, batch: int, length: int, *, width: int, k_max: int, k_min: int, rule: str, tol: float,
         enabled: bool, device,
     ):
         self.k_min, self.rule, self.tol, self.enabled = k_min, rule, tol, enabled
         self.shape = (batch, length)
         n = batch * length
-        self.flat_active = torch.ones(n, dtype=torch.bool, device=device)  # replaced, never mutated
+        self.flat_active = torch.ones(n, dtype=torch.bool, device=device)
         self._k_used = torch.zeros(n, device=device)
         self._trace = torch.full((k_max, n), float("nan"), device=device)  # one row per iteration
-        self._prev_raw: Tensor | None = None
+        self._prev_raw = torch.zeros(n, width, device=device)
         self._prev_delta = torch.zeros(n, device=device)
         self._quiet = torch.zeros(n, dtype=torch.long, device=device)
+
+    def tensors(self) -> list[Tensor]:
+        """Everything ``observe`` changes (for a graph capture to save and restore)."""
+        return [self.flat_active, self._k_used, self._trace, self._prev_raw, self._prev_delta, self._quiet]
+
+    def reset(self) -> None:
+        """Back to the state before iteration 1, in place."""
+        for x, value in zip(self.tensors(), (True, 0, float("nan"), 0, 0, 0)):
+            x.fill_(value)
 
     @property
     def active(self) -> Tensor:
@@ -79,36 +97,40 @@ class HaltMonitor:
     def trace(self) -> Tensor:
         return self._trace.t().reshape(*self.shape, -1)
 
+    def running(self, rows: Tensor | None = None) -> Tensor:
+        """A copy of ``active`` (rows None) or of the (1, N) rows of the tokens ``rows``."""
+        return self.active.clone() if rows is None else self.flat_active[rows].unsqueeze(0)
+
     @torch.no_grad()
-    def observe(self, k: int, raw: Tensor, rows: Tensor | None = None) -> None:
-        """Record iteration k (1-based) of the tokens ``rows`` (flat indices; None = all) whose
-        raw logits are raw (..., H, S) with one entry per token in ``rows``; update ``active``."""
+    def observe(self, k: int | Tensor, raw: Tensor, rows: Tensor | None = None) -> None:
+        """Record iteration k (1-based; an int, or a 0-dim integer tensor on the device) of the
+        tokens ``rows`` (flat indices; None = all) whose raw logits are raw (..., H, S) with one
+        entry per token in ``rows``; update ``active``. Reads nothing back to the host."""
         raw = raw.detach().reshape(-1, raw.shape[-2] * raw.shape[-1]).float()
         running = _rows(self.flat_active, rows)
-        _write(self._k_used, rows, torch.where(running, float(k), _rows(self._k_used, rows)))
-        if self._prev_raw is None:  # k = 1: every token runs, nothing to compare with yet
-            self._prev_raw = raw.new_zeros(self.flat_active.shape[0], raw.shape[1])
-            _write(self._prev_raw, rows, raw)
-            return
+        _write(self._k_used, rows, torch.where(running, k, _rows(self._k_used, rows)))
+        compared = k > 1  # at k = 1 there is nothing to compare with: no delta, no halt
         prev_raw = _rows(self._prev_raw, rows)
         change = (raw - prev_raw).norm(dim=-1)
         scale = torch.maximum(raw.norm(dim=-1), prev_raw.norm(dim=-1)).clamp_min(1e-6)
         delta = change / scale
-        _write(self._trace[k - 1], rows, torch.where(running, delta, _rows(self._trace[k - 1], rows)))
+        row = (k - 1).view(1) if isinstance(k, Tensor) else torch.full((1,), k - 1, device=raw.device)
+        trace = self._trace.index_select(0, row)[0]
+        trace = _rows_replaced(trace, rows, torch.where(running & compared, delta, _rows(trace, rows)))
+        self._trace.index_copy_(0, row, trace.unsqueeze(0))
         if self.rule == "first":
             settled = delta < self.tol
         else:
             prev_delta = _rows(self._prev_delta, rows)
-            quiet = (delta - prev_delta).abs() < self.tol if k > 2 else torch.zeros_like(running)
+            quiet = ((delta - prev_delta).abs() < self.tol) & (k > 2)
             count = _rows(self._quiet, rows)
             count = torch.where(running, torch.where(quiet, count + 1, 0), count)
             _write(self._quiet, rows, count)
             settled = count >= HALT_CONFIRMATIONS
             _write(self._prev_delta, rows, torch.where(running, delta, prev_delta))
         _write(self._prev_raw, rows, torch.where(running[:, None], raw, prev_raw))
-        if self.enabled and k >= self.k_min:
-            still = running & ~settled
-            self.flat_active = still if rows is None else self.flat_active.index_copy(0, rows, still)
+        if self.enabled:
+            _write(self.flat_active, rows, running & ~(settled & compared & (k >= self.k_min)))
 
     @property
     def all_halted(self) -> bool:

@@ -19,9 +19,10 @@ gradient through the live steps like the h-clocked experts do.
 Two implementations of the no-grad halting loop (``CWSConfig.loop``): ``reference`` runs every
 token until all have halted and freezes halted ones with masks (simple; halting saves no
 work); ``compact`` (``compact.py``) runs only the tokens still active. They agree to float
-rounding. ``compile_step`` runs the no-grad iterations through ``torch.compile`` (the compact
-loop's shrinking set with dynamic shapes); ``cuda_graph`` replays every no-grad step from CUDA
-graphs, the compact loop's working set padded to a few sizes (``graphed.py``).
+rounding. ``compile_step`` runs the no-grad iterations through ``torch.compile`` (in the
+compact loop the whole iteration, monitor and masks included, its shrinking set with dynamic
+shapes); ``cuda_graph`` replays every no-grad iteration from CUDA graphs, the compact loop's
+working set padded to a few sizes (``graphed.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from parallax.models.cws import graphed
-from parallax.models.cws.compact import settle_compact
+from parallax.models.cws.compact import Iterations, settle_compact
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
 from parallax.models.cws.workspace import Workspace, compiled_step
@@ -67,45 +68,49 @@ def settle(
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
     b, t, _ = h.shape
-    monitor = HaltMonitor(
-        b, t, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol, enabled=halting, device=h.device
+    graphs = cuda_graph and graphed.usable(h, context)
+    settings = dict(
+        width=workspace.n_heads * pool.total_slots, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol,
+        enabled=halting, device=h.device,
     )
-    no_grad_step = compiled_step(workspace) if compile_step else workspace.step
-    set_step = compiled_step(workspace, working_set=True) if compile_step else workspace.step
-    pad_to = None  # set when the no-grad steps replay CUDA graphs
-    if cuda_graph and graphed.usable(h, context):
-        name = "compiled" if compile_step else "eager"
-        no_grad_step = graphed.graphed_step(no_grad_step, workspace, pool, name)
-        set_step = graphed.graphed_step(set_step, workspace, pool, f"{name} working set")
-        pad_to = graphed.bucket
+    # graphs capture the monitor's buffers, so it stays at one address from call to call
+    monitor = graphed.halt_monitor(workspace, b, t, **settings) if graphs else HaltMonitor(b, t, **settings)
+    name = "compiled" if compile_step else "eager"
     live = min(live_steps, k_max)
-    compact = loop == "compact" and halting
+    if halting and loop == "compact":
+        if graphs:  # each iteration one replay, the working set padded to a few sizes
+            iterations = graphed.GraphedIterations(workspace, pool, monitor, compile_step)
+        else:
+            iterations = Iterations(workspace, pool, monitor, compile_step)
+        pad_to = graphed.bucket if graphs else None
+        h, _, ring = settle_compact(iterations, context, h, cum, k_max=k_max, history=live, pad_to=pad_to)
+        if live:
+            h = _replay(workspace, pool, context, monitor, *ring[0], live)
+        return _settled(h, monitor)
+    no_grad_step = compiled_step(workspace) if compile_step else workspace.step
+    if graphs:
+        no_grad_step = graphed.graphed_step(no_grad_step, workspace, pool, name)
     if not halting:
         with torch.no_grad():
             h, cum = _no_grad_prefix(no_grad_step, pool, context, monitor, h, cum, k_max - live)
-            if pad_to is not None:  # graphed: copies, not the graph's buffers, which its next replay overwrites
+            if graphs:  # copies, not the graph's buffers, which its next replay overwrites
                 h, cum = h.clone(), cum.clone()
         for k in range(k_max - live + 1, k_max + 1):
             h, cum, raw = workspace.step(h, cum, pool, context)
             monitor.observe(k, raw)
     elif live == 0:
-        if compact:
-            h, _, _ = settle_compact(
-                no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max, pad_to=pad_to
-            )
-        else:
-            with torch.no_grad():
-                h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max)
+        with torch.no_grad():
+            h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max)
     else:
-        if compact:
-            _, _, ring = settle_compact(
-                no_grad_step, set_step, pool, context, monitor, h, cum, k_max=k_max, history=live, pad_to=pad_to
-            )
-        else:
-            with torch.no_grad():
-                ring = _reference_ring_loop(no_grad_step, pool, context, monitor, h, cum, k_max, live)
+        with torch.no_grad():
+            ring = _reference_ring_loop(no_grad_step, pool, context, monitor, h, cum, k_max, live)
         h = _replay(workspace, pool, context, monitor, *ring[0], live)
-    return Settled(h=h, k_used=monitor.k_used, trace=monitor.trace)
+    return _settled(h, monitor)
+
+
+def _settled(h: Tensor, monitor: HaltMonitor) -> Settled:
+    """The result, in tensors of its own (the monitor may be reused by the next call)."""
+    return Settled(h=h, k_used=monitor.k_used.clone(), trace=monitor.trace.clone())
 
 
 def _no_grad_prefix(step, pool, context, monitor, h, cum, iterations):
@@ -119,7 +124,7 @@ def _no_grad_prefix(step, pool, context, monitor, h, cum, iterations):
 def _reference_loop(step, pool, context, monitor, h, cum, k_max):
     """Every token, every iteration until all have halted; halted tokens frozen by masks."""
     for k in range(1, k_max + 1):
-        running = monitor.active
+        running = monitor.running()
         h_next, cum_next, raw = step(h, cum, pool, context)
         monitor.observe(k, raw)
         h = torch.where(running[..., None], h_next, h)
@@ -137,7 +142,7 @@ def _reference_ring_loop(step, pool, context, monitor, h, cum, k_max, live):
     """
     ring = [(h, cum)] * live
     for k in range(1, k_max + 1):
-        running = monitor.active
+        running = monitor.running()
         kept_h, kept_c = running[..., None], running[..., None, None]
         ring = [
             (torch.where(kept_h, new[0], old[0]), torch.where(kept_c, new[1], old[1]))
