@@ -127,14 +127,18 @@ def test_compact_loop_equals_reference_in_generation():
     torch.testing.assert_close(outputs["compact"][0], outputs["reference"][0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("live_steps", [1, 3])
-def test_compact_loop_equals_reference_in_training_with_halting(live_steps, selects):
-    """halt_in_training: same loss, logits, K, trace and every parameter's gradient."""
+@pytest.mark.parametrize("live_steps, compile_step", [(1, False), (3, False), (3, True)])
+def test_compact_loop_equals_reference_in_training_with_halting(live_steps, compile_step, selects, request):
+    """halt_in_training: same loss, logits, K, trace and every parameter's gradient (also with
+    the compact loop's iterations compiled, the ring of earlier states among their inputs)."""
+    if compile_step:
+        request.getfixturevalue("inductor")
     ids = tokens()
     results = {}
     for loop in ("reference", "compact"):
         model = tiny_model(
-            halting=True, halt_in_training=True, halt_tol=0.6, live_steps=live_steps, loop=loop
+            halting=True, halt_in_training=True, halt_tol=0.6, live_steps=live_steps, loop=loop,
+            compile_step=compile_step and loop == "compact",
         ).train()
         out = model(ids, targets=ids)
         out.loss.backward()
