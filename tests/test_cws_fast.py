@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from parallax.models import build_model
 from parallax.models.cws import CWSConfig
-from parallax.models.cws.compact import RECOMPACT_BELOW, LaggedCount
+from parallax.models.cws.compact import RECOMPACT_BELOW, LaggedCount, planned_set_sizes
 from parallax.models.cws.pool import TokenContext
 from parallax.models.cws.settle import settle
 
@@ -464,22 +464,41 @@ def graphs_on_cpu(monkeypatch):
 
     monkeypatch.setattr(graphed._Graphs, "__init__", init)
     monkeypatch.setattr(graphed._Graphs, "capture", capture)
-    monkeypatch.setattr(graphed, "usable", lambda h, context: True)
+    monkeypatch.setattr(graphed, "usable", lambda h: True)
 
 
 @pytest.mark.parametrize("rule, tol", [("first", 0.3), ("second", 0.1)])
 def test_graphed_compact_iterations_equal_the_reference(graphs_on_cpu, rule, tol, selects):
     """Whole iterations replayed (monitor, masks and count inside the capture), the set padded
     to buckets: the reference's K, states and traces, also when a second call replays."""
+    from parallax.models.cws import graphed
+
     model = tiny_model().eval()
+    planned = set()
     for seed in range(2):
         ids = tokens(8, 64, seed=seed)
         ref = settle_with(model, ids, "reference", rule=rule, tol=tol)
         fast = settle_with(model, ids, "compact", rule=rule, tol=tol, cuda_graph=True)
         assert_same_settling(fast, ref)
+        planned |= set(planned_set_sizes(ref.k_used, 12, graphed.bucket)[1:])
     keys = graphed_keys(model)
     assert selects and len(keys) == 1 + len(set(selects))  # the grid and one capture per set size
+    assert {key[1] for key in keys} == {None} | planned - {ids.numel()}  # the sizes the rule plans, lag included
     assert {key[0][0] for key in keys} == {"eager iteration"}
+
+
+def test_graphed_compact_iterations_at_one_iteration_and_their_monitors(graphs_on_cpu):
+    """k_max 1 (the capture's warm-up must not index past it); monitors cached per grid and
+    settings stay few however many are used."""
+    from parallax.models.cws import graphed
+
+    model = tiny_model(k_max=1).eval()
+    ids = tokens()
+    assert_same_settling(settle_with(model, ids, "compact", k_max=1, cuda_graph=True),
+                         settle_with(model, ids, "reference", k_max=1))
+    for tol in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        settle_with(model, ids, "compact", tol=tol, cuda_graph=True)
+    assert len(graphed._graphs[model.workspace].monitors) == graphed.MONITORS_PER_WORKSPACE
 
 
 def test_graphed_compact_iterations_train_like_the_reference(graphs_on_cpu):
@@ -570,23 +589,41 @@ def test_cuda_graph_is_recaptured_when_rope_tables_grow():
     assert len(graphed_keys(model)) == 2
 
 
-@cuda_only
-@pytest.mark.parametrize("experts, slots, graphs", [(("ssm", "attention", "mlp"), (2, 2, 1), 1),
-                                                      (("ssm", "mlp"), (2, 1), 2)])
-def test_cuda_graph_in_incremental_decoding(experts, slots, graphs):
-    """A 3-token prompt, then one token per call with caches: the prompt is graphed; the
-    single tokens only without an attention probe (whose keys grow every token)."""
+def decode_with_graphs(device, experts, slots, halting):
+    """A 3-token prompt, then one token per call with caches, with and without cuda_graph:
+    the logits of both and the graphs captured."""
     outputs = {}
     for cuda_graph in (False, True):
-        model = tiny_model(experts=experts, slots=slots, halting=False, cuda_graph=cuda_graph).eval().cuda()
-        ids = tokens(batch=2, length=8).cuda()
+        model = tiny_model(experts=experts, slots=slots, halting=halting, halt_tol=0.3,
+                           cuda_graph=cuda_graph).eval().to(device)
+        ids = tokens(batch=2, length=8).to(device)
         cache = model.new_cache(2, 8)
         with torch.no_grad():
             logits = [model(ids[:, :3], cache=cache).logits]
             logits += [model(ids[:, i : i + 1], cache=cache).logits for i in range(3, 8)]
         outputs[cuda_graph] = torch.cat(logits, 1)
-    assert len(graphed_keys(model)) == graphs
-    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
+    return outputs[True], outputs[False], graphed_keys(model)
+
+
+DECODING_POOLS = [(("ssm", "attention", "mlp"), (2, 2, 1)), (("ssm", "mlp"), (2, 1))]
+
+
+@pytest.mark.parametrize("experts, slots", DECODING_POOLS)
+@pytest.mark.parametrize("halting", [False, True])
+def test_graphed_incremental_decoding_equals_the_loop(graphs_on_cpu, experts, slots, halting):
+    """The prompt and the single tokens each replay one capture, the attention probe's too:
+    its keys are the cache's whole buffers and its positions a device tensor."""
+    graphed, plain, keys = decode_with_graphs("cpu", experts, slots, halting)
+    assert len(keys) == 2  # the prompt's shapes and the single token's, whatever the position
+    torch.testing.assert_close(graphed, plain, rtol=1e-5, atol=1e-6)
+
+
+@cuda_only
+@pytest.mark.parametrize("experts, slots", DECODING_POOLS)
+def test_cuda_graph_in_incremental_decoding(experts, slots):
+    graphed, plain, keys = decode_with_graphs("cuda", experts, slots, halting=False)
+    assert len(keys) == 2
+    torch.testing.assert_close(graphed, plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -604,7 +641,6 @@ def test_lagged_count_returns_the_previous_count(device):
 def test_planned_set_sizes_replay_the_compact_loop(pad, tol):
     """The shrink rule replayed from K alone gives the sizes the loop really ran."""
     from parallax.models.cws import graphed
-    from parallax.models.cws.compact import planned_set_sizes
 
     pad_to = graphed.bucket if pad else None
     sizes = []

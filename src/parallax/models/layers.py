@@ -29,8 +29,9 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE) with cached cos/sin tables.
 
     ``forward(x, start)`` rotates ``x`` of shape (B, H, T, Dh) by the angles of positions
-    ``start .. start + T - 1``. Positions are plain ints, so checking the table size never
-    waits on the device; tables grow on demand.
+    ``start .. start + T - 1``. ``start`` is an int (the table grows on demand, checked on the
+    host without waiting on the device) or a 0-dim device tensor, for a CUDA graph replayed
+    at every position; then the table must already hold them (``reserve``).
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, max_seq_len: int = 2048):
@@ -49,12 +50,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor, start: int = 0) -> Tensor:
-        end = start + x.shape[-2]
-        if end > self.cos.shape[0]:
-            self._build(max(end, 2 * self.cos.shape[0]))
-        cos = self.cos[start:end].to(x.dtype)  # (T, Dh/2)
-        sin = self.sin[start:end].to(x.dtype)
+    def reserve(self, length: int) -> None:
+        """Make the tables hold positions 0 .. length - 1."""
+        if length > self.cos.shape[0]:
+            self._build(max(length, 2 * self.cos.shape[0]))
+
+    def forward(self, x: Tensor, start: int | Tensor = 0) -> Tensor:
+        if isinstance(start, Tensor):
+            positions = start + torch.arange(x.shape[-2], device=start.device)
+            cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        else:
+            end = start + x.shape[-2]
+            self.reserve(end)
+            cos = self.cos[start:end].to(x.dtype)  # (T, Dh/2)
+            sin = self.sin[start:end].to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return out.flatten(-2)

@@ -6,11 +6,12 @@ halted tokens with masks, so halting saves no work. This loop keeps a working se
 gathered into (1, N, ...) rows (``TokenContext.select``). Tokens that halt stay in the set,
 frozen by masks as in the reference, until the active ones fall below ``RECOMPACT_BELOW``
 of the set; then the set's state is written back to the full grid and the set shrinks to
-about the active tokens. So the set never holds much more than 4/3 of the active tokens,
-and there are at most log(B*T) / log(4/3) gathers per call (about 35 for 32 x 512 tokens),
-each moving about one iteration's inputs for the set: cheap against the iteration's S*d^2
-per token. Under CUDA graphs the set is padded to a bucket size (``pad_to``): then it holds
-at most 5/4 x 4/3 of the active tokens, or the smallest bucket.
+about the active tokens. So right after a shrink the set holds the tokens that were active one
+iteration earlier (see below), at most 4/3 of those active when it shrinks next, and there
+are at most log(B*T) / log(4/3) gathers per call (about 35 for 32 x 512 tokens), each moving
+about one iteration's inputs for the set: cheap against the iteration's S*d^2 per token.
+Under CUDA graphs the set is padded to a bucket size (``pad_to``), at most 5/4 of that, or
+the smallest bucket.
 (A threshold of 1/2 measured the same on CPU within noise; it allows twice the active work.)
 
 Everything per token (the state, the cum accumulator, the SSM's proposals, the grounding,
@@ -68,7 +69,7 @@ class LaggedCount:
             event.record()
             self.pending = (host, event)
         else:
-            self.pending = (count, None)
+            self.pending = (count.clone(), None)  # a CUDA graph's output buffer is rewritten by its next replay
         return previous
 
     def reset(self) -> None:

@@ -66,7 +66,7 @@ class CWSConfig(ModelConfig):
     compile_step: bool = False
     # replay every no-grad iteration from CUDA graphs (graphed.py; the compact loop's whole
     # iteration, its working set padded to a few sizes); CUDA only, not under a whole-model
-    # torch.compile nor in incremental decoding with an attention probe
+    # torch.compile
     cuda_graph: bool = False
     # motor decoder
     decoder_window: int = 16

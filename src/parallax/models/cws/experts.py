@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallax.models.layers import KVCache, RotaryEmbedding, attention_mask
+from parallax.models.layers import KVCache, RotaryEmbedding
 from parallax.ops.ssm_scan import selective_scan
 
 
@@ -74,6 +74,12 @@ class AttentionProbe(nn.Module):
     One head per slot. Keys/values come from a token-clocked ``source`` (B, T, d_source) with
     RoPE, built once per forward by ``keys_values``; the query of token t comes from its own
     h_eff and attends to positions <= t. Output (B, T, S, d).
+
+    In incremental decoding the keys and values are the whole preallocated cache, max_len
+    positions, and the queries' first position ``start`` is a device tensor: the positions
+    not yet written are masked, so every call has the same shapes and a CUDA graph of the
+    workspace step serves every token (``graphed.py``), at the price of attending over
+    max_len positions instead of those filled.
     """
 
     def __init__(self, dim: int, slots: int, head_dim: int, source_dim: int, rope_base: float):
@@ -89,14 +95,17 @@ class AttentionProbe(nn.Module):
         return KVCache(batch, self.slots, self.head_dim, max_len, device, dtype)
 
     def keys_values(self, source: Tensor, start: int, cache: KVCache | None) -> tuple[Tensor, Tensor]:
-        """(B, S, L, dh) keys and values of every position up to the newest (cache included)."""
+        """(B, S, L, dh) keys and values: of the T positions of ``source`` (L = T), or with a
+        cache, the cache's whole buffers (L = max_len) after writing them in."""
         b, t, _ = source.shape
         k = self.wk(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
         v = self.wv(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
         k = self.rope(k, start)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        return k, v
+        if cache is None:
+            return k, v
+        cache.append(k, v)
+        self.rope.reserve(cache.k.shape[2])  # the queries' positions are looked up on the device
+        return cache.k, cache.v
 
     def forward(
         self,
@@ -105,9 +114,12 @@ class AttentionProbe(nn.Module):
         values: Tensor,
         rows: Tensor | None = None,
         grid: tuple[int, int] | None = None,
+        start: Tensor | None = None,
     ) -> Tensor:
         """Slots (B, T, S, d) for h_eff (B, T, d); or, for a subset of the tokens, (1, N, S, d)
-        for h_eff (1, N, d) at flat indices ``rows`` (N,) of the (B, T) grid ``grid``.
+        for h_eff (1, N, d) at flat indices ``rows`` (N,) of the (B, T) grid ``grid``. ``start``
+        (0-dim device tensor): the keys are a cache's, and these T tokens are at positions
+        start .. start + T - 1; None: the keys are these T tokens'.
 
         A subset is scattered back onto the grid (zero queries elsewhere) and attends densely:
         keys and values are per sequence and the probe's share of an iteration's work is small
@@ -121,10 +133,13 @@ class AttentionProbe(nn.Module):
         else:
             (b, t), q_rows = grid, self.wq(h_eff[0])
             q = q_rows.new_zeros(b * t, q_rows.shape[1]).index_copy(0, rows, q_rows)
-        length = keys.shape[2]
         q = q.view(b, t, self.slots, self.head_dim).transpose(1, 2)
-        q = self.rope(q, length - t)
-        mask = attention_mask(t, length, None, h_eff.device)
+        if start is None:
+            q, mask = self.rope(q, 0), None
+        else:
+            q = self.rope(q, start)
+            positions = start + torch.arange(t, device=start.device)
+            mask = torch.arange(keys.shape[2], device=start.device) <= positions[:, None]  # (T, L)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1)
         if rows is not None:
             y = y.transpose(1, 2).flatten(0, 1)[rows].transpose(0, 1).unsqueeze(0)  # (1, S, N, dh)

@@ -7,8 +7,7 @@ A captured step is one launch. Every no-grad iteration of ``settle`` can use one
 * halting off (all k_max iterations in evaluation, the first k_max - live_steps in
   training): the same shapes every iteration, so one graph of the step serves all of them
   (two under autocast: iteration 1 takes the fp32 h_0, the others bf16 states); also in
-  incremental decoding when the pool has no attention probe (then every token has the same
-  shapes). The halting monitor observes each replay's raw logits eagerly; nothing waits
+  incremental decoding, where every token has the same shapes. The halting monitor observes each replay's raw logits eagerly; nothing waits
   for it, so its launches overlap the GPU's work.
 * halting on, compact loop (``GraphedIterations``): the whole iteration is captured, the
   step with the monitor, the masks and the active count, since the loop reads that count
@@ -35,8 +34,8 @@ once. Each graph also keeps its own copy of the inputs: the state and the token 
 its size, so the buckets of one grid hold a few times one full-grid context in all (and each a
 copy of the probe's per-sequence keys and values, which are small). Not used while
 ``torch.compile`` traces the model (``mode="reduce-overhead"`` then gives the whole forward
-CUDA graphs), nor in incremental decoding with an attention probe, whose keys grow by one
-position per token and would need a graph per length.
+CUDA graphs). In incremental decoding the attention probe's keys are the cache's whole
+buffers with a mask (``AttentionProbe``), so one graph serves every token.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
 
 GRAPHS_PER_WORKSPACE = 64  # the compact loop visits one working-set size per shrink
+MONITORS_PER_WORKSPACE = 8  # grids and halting settings whose compact-loop captures stay ready
 WARMUP_RUNS = 3  # on a side stream before capture: compilation, cuBLAS workspaces, allocator
 BUCKET_STEPS = (1.0, 1.25, 1.5, 1.75)  # working-set sizes: 2^e times one of these
 # below this many tokens an iteration costs its kernels' launch latency, not its work, so
@@ -107,12 +107,10 @@ def _graphs_of(workspace) -> _Graphs:
     return graphs
 
 
-def usable(h: Tensor, context: TokenContext) -> bool:
-    """Whether this settle call can replay graphs: CUDA, not under torch.compile, and a
-    context without a cache prefix (keys of as many positions as there are tokens)."""
-    if not h.is_cuda or torch.compiler.is_compiling():
-        return False
-    return context.probe_kv is None or context.probe_kv[0].shape[2] == h.shape[1]
+def usable(h: Tensor) -> bool:
+    """Whether this settle call can replay graphs: on CUDA, and not while torch.compile
+    traces the model."""
+    return h.is_cuda and not torch.compiler.is_compiling()
 
 
 def bucket(n: int) -> int:
@@ -127,14 +125,18 @@ def bucket(n: int) -> int:
 
 def halt_monitor(workspace, batch: int, length: int, **settings) -> HaltMonitor:
     """A reset ``HaltMonitor`` that stays at the same addresses from call to call, so the
-    compact loop's captures, which read and write it, can be replayed by the next call."""
+    compact loop's captures, which read and write it, can be replayed by the next call (the
+    last ``MONITORS_PER_WORKSPACE`` used; a capture keeps its own alive)."""
     monitors = _graphs_of(workspace).monitors
     key = (batch, length, *sorted(settings.items()))
-    monitor = monitors.get(key)
+    monitor = monitors.pop(key, None)
     if monitor is None:
-        monitor = monitors[key] = HaltMonitor(batch, length, **settings)
+        monitor = HaltMonitor(batch, length, **settings)
     else:
         monitor.reset()
+    monitors[key] = monitor  # the newest last
+    while len(monitors) > MONITORS_PER_WORKSPACE:
+        monitors.pop(next(iter(monitors)))
     return monitor
 
 
@@ -207,8 +209,13 @@ class GraphedIterations(Iterations):
 
 
 def _context_tensors(context: TokenContext) -> list[Tensor]:
-    out = [context.observation, *context.fixed.values(), *(context.probe_kv or ())]
-    return out + [x for x in (context.grounding, context.rows) if x is not None]
+    per_token = [context.observation, *context.fixed.values(), context.grounding, context.rows]
+    return [x for x in per_token + _per_sequence(context) if x is not None]
+
+
+def _per_sequence(context: TokenContext) -> list[Tensor]:
+    """The context's tensors that a working set shares with the grid (not gathered by rows)."""
+    return [*(context.probe_kv or ())] + ([] if context.probe_start is None else [context.probe_start])
 
 
 def _clone_context(context: TokenContext) -> TokenContext:
@@ -217,6 +224,7 @@ def _clone_context(context: TokenContext) -> TokenContext:
         grounding=None if context.grounding is None else context.grounding.clone(),
         fixed={name: x.clone() for name, x in context.fixed.items()},
         probe_kv=None if context.probe_kv is None else tuple(x.clone() for x in context.probe_kv),
+        probe_start=None if context.probe_start is None else context.probe_start.clone(),
         rows=None if context.rows is None else context.rows.clone(),
         grid=context.grid,
     )
@@ -263,9 +271,9 @@ class _CapturedIteration:
         self.states = [x.clone() for x in states]
         self.rows = None if rows is None else rows.clone()
         self.context = _clone_context(context)
-        self.k = torch.full((), 2, dtype=torch.long, device=states[0].device)
-        function, workspace, pool = iterations.function(rows), iterations.workspace, iterations.pool
-        monitor = iterations.monitor
+        self.k = torch.ones((), dtype=torch.long, device=states[0].device)  # in range for any k_max
+        function, workspace, pool, monitor = iterations.function(rows), iterations.workspace, iterations.pool, iterations.monitor
+        self.monitor = monitor  # kept alive with the capture: its addresses are in the capture's key
         saved = [x.clone() for x in monitor.tensors()]
 
         def restore():  # the warm-up runs iterated the monitor in place
@@ -292,7 +300,7 @@ class _CapturedIteration:
         for buffer, x in zip(into, per_token):
             if x is not None:
                 torch.index_select(x.flatten(0, 1), 0, rows, out=buffer[0])
-        for buffer, x in zip(self.context.probe_kv or (), context.probe_kv or ()):
+        for buffer, x in zip(_per_sequence(self.context), _per_sequence(context)):
             buffer.copy_(x)
         self.rows.copy_(rows)
         self.context.rows.copy_(rows)

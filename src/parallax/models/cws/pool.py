@@ -24,7 +24,9 @@ class TokenContext:
 
     ``observation`` (B, T, d) is the token's own reading (embedding, plus the SSM read when
     the pool has an SSM); ``fixed`` holds token-clocked proposals (B, T, S, d) by expert name;
-    ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T;
+    ``probe_kv`` the attention probe's keys and values (B, S, L, dh): of these T tokens
+    (L = T), or in incremental decoding the cache's whole buffers (L = max_len), with
+    ``probe_start`` the first token's position as a 0-dim device tensor (see ``AttentionProbe``);
     ``grounding`` (B, T, d) what the h-clocked experts add to h_eff (``CWSConfig.ground``).
 
     ``select`` gives the context of a subset of the tokens (the compact loop's working set):
@@ -36,6 +38,7 @@ class TokenContext:
     grounding: Tensor | None = None
     fixed: dict[str, Tensor] = field(default_factory=dict)
     probe_kv: tuple[Tensor, Tensor] | None = None
+    probe_start: Tensor | None = None
     rows: Tensor | None = None
     grid: tuple[int, int] | None = None
 
@@ -50,6 +53,7 @@ class TokenContext:
             grounding=None if self.grounding is None else pick(self.grounding),
             fixed={name: pick(x) for name, x in self.fixed.items()},
             probe_kv=self.probe_kv,
+            probe_start=self.probe_start,
             rows=rows,
             grid=tuple(self.observation.shape[:2]),
         )
@@ -132,6 +136,8 @@ class ExpertPool(nn.Module):
             context.probe_kv = self.experts["attention"].keys_values(
                 source, start, cache.probe if cache is not None else None
             )
+            if cache is not None:  # filled on the device: no host-to-device copy to wait for
+                context.probe_start = torch.full((), start, dtype=torch.long, device=x.device)
         if cache is not None:
             cache.last_embedding = x[:, -1:]
         if self.ground is not None:
@@ -148,7 +154,7 @@ class ExpertPool(nn.Module):
             if name in context.fixed:
                 proposals.append(context.fixed[name])
             elif name == "attention":
-                proposals.append(expert(h_eff, *context.probe_kv, context.rows, context.grid))
+                proposals.append(expert(h_eff, *context.probe_kv, context.rows, context.grid, context.probe_start))
             else:
                 proposals.append(expert(h_eff))
         return torch.cat(proposals, dim=2)

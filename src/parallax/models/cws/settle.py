@@ -68,16 +68,20 @@ def settle(
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
     b, t, _ = h.shape
-    graphs = cuda_graph and graphed.usable(h, context)
+    graphs = cuda_graph and graphed.usable(h)
     settings = dict(
         width=workspace.n_heads * pool.total_slots, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol,
         enabled=halting, device=h.device,
     )
-    # graphs capture the monitor's buffers, so it stays at one address from call to call
-    monitor = graphed.halt_monitor(workspace, b, t, **settings) if graphs else HaltMonitor(b, t, **settings)
+    compact = halting and loop == "compact"
+    # the compact loop's graphs capture the monitor's buffers: one monitor from call to call
+    if graphs and compact:
+        monitor = graphed.halt_monitor(workspace, b, t, **settings)
+    else:
+        monitor = HaltMonitor(b, t, **settings)
     name = "compiled" if compile_step else "eager"
     live = min(live_steps, k_max)
-    if halting and loop == "compact":
+    if compact:
         if graphs:  # each iteration one replay, the working set padded to a few sizes
             iterations = graphed.GraphedIterations(workspace, pool, monitor, compile_step)
         else:

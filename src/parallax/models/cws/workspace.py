@@ -101,35 +101,20 @@ class Workspace(nn.Module):
         )
 
 
-def compiled_step(workspace: Workspace, working_set: bool = False):
-    """``workspace.step`` through ``torch.compile`` (inductor, default mode).
-
-    ``working_set=False``: the full-size no-grad iterations, whose shapes do not change within
-    a call (static shapes). ``working_set=True``: the compact loop's shrinking set of tokens,
-    compiled with dynamic shapes, so the sizes a call visits share one graph instead of one
-    compilation each. The two are separate compiled functions, so the full-size one keeps its
-    static graph.
+def compiled_step(workspace: Workspace):
+    """``workspace.step`` through ``torch.compile`` (inductor, default mode), for the no-grad
+    iterations outside the compact loop, whose shapes do not change within a call (the
+    compact loop compiles its whole iteration, ``compact.Iterations``).
 
     The unbound ``Workspace.step`` is compiled once per process: modules are inlined, so every
     workspace of the same structure reuses its graphs, and no compiled function is stored on
     a module (a deep-copied model would otherwise run the original's weights). CUDA graphs
-    are added apart, around either step (``graphed.py``, ``CWSConfig.cuda_graph``).
+    are added apart (``graphed.py``, ``CWSConfig.cuda_graph``).
     """
-    step = _compiled_working_set_step() if working_set else _compiled_workspace_step()
+    step = _compiled_workspace_step()
     return lambda h, cum, pool, context: step(workspace, h, cum, pool, context)
-
-
-def _working_set_step(workspace: Workspace, h: Tensor, cum: Tensor, pool, context):
-    """``Workspace.step`` under a code object of its own, so its dynamic-shape graphs are
-    cached apart from the full-size static ones (dynamo caches per code object)."""
-    return Workspace.step(workspace, h, cum, pool, context)
 
 
 @functools.cache
 def _compiled_workspace_step():
     return torch.compile(Workspace.step)
-
-
-@functools.cache
-def _compiled_working_set_step():
-    return torch.compile(_working_set_step)
