@@ -464,7 +464,7 @@ def graphs_on_cpu(monkeypatch):
 
     monkeypatch.setattr(graphed._Graphs, "__init__", init)
     monkeypatch.setattr(graphed._Graphs, "capture", capture)
-    monkeypatch.setattr(graphed, "usable", lambda h: True)
+    monkeypatch.setattr(graphed, "usable", lambda h, context: True)
 
 
 @pytest.mark.parametrize("rule, tol", [("first", 0.3), ("second", 0.1)])

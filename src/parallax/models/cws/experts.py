@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallax.models.layers import KVCache, RotaryEmbedding
+from parallax.models.layers import KVCache, RotaryEmbedding, attention_mask
 from parallax.ops.ssm_scan import selective_scan
 
 
@@ -75,11 +75,11 @@ class AttentionProbe(nn.Module):
     RoPE, built once per forward by ``keys_values``; the query of token t comes from its own
     h_eff and attends to positions <= t. Output (B, T, S, d).
 
-    In incremental decoding the keys and values are the whole preallocated cache, max_len
-    positions, and the queries' first position ``start`` is a device tensor: the positions
-    not yet written are masked, so every call has the same shapes and a CUDA graph of the
-    workspace step serves every token (``graphed.py``), at the price of attending over
-    max_len positions instead of those filled.
+    In incremental decoding the keys and values are those of the positions cached so far, or,
+    for CUDA graphs (``static``), the whole preallocated cache, max_len positions, with the
+    queries' first position ``start`` as a device tensor: the positions not yet written are
+    masked, so every call has the same shapes and one graph of the workspace step serves every
+    token (``graphed.py``), at the price of attending over max_len positions.
     """
 
     def __init__(self, dim: int, slots: int, head_dim: int, source_dim: int, rope_base: float):
@@ -94,16 +94,21 @@ class AttentionProbe(nn.Module):
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.slots, self.head_dim, max_len, device, dtype)
 
-    def keys_values(self, source: Tensor, start: int, cache: KVCache | None) -> tuple[Tensor, Tensor]:
+    def keys_values(
+        self, source: Tensor, start: int, cache: KVCache | None, static: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """(B, S, L, dh) keys and values: of the T positions of ``source`` (L = T), or with a
-        cache, the cache's whole buffers (L = max_len) after writing them in."""
+        cache, of every position cached so far (L = start + T), or the cache's whole buffers
+        (``static``, L = max_len), after writing these T in."""
         b, t, _ = source.shape
         k = self.wk(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
         v = self.wv(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
         k = self.rope(k, start)
         if cache is None:
             return k, v
-        cache.append(k, v)
+        k, v = cache.append(k, v)
+        if not static:
+            return k, v
         self.rope.reserve(cache.k.shape[2])  # the queries' positions are looked up on the device
         return cache.k, cache.v
 
@@ -118,8 +123,8 @@ class AttentionProbe(nn.Module):
     ) -> Tensor:
         """Slots (B, T, S, d) for h_eff (B, T, d); or, for a subset of the tokens, (1, N, S, d)
         for h_eff (1, N, d) at flat indices ``rows`` (N,) of the (B, T) grid ``grid``. ``start``
-        (0-dim device tensor): the keys are a cache's, and these T tokens are at positions
-        start .. start + T - 1; None: the keys are these T tokens'.
+        (0-dim device tensor): the keys are a cache's whole buffers and these T tokens are at
+        positions start .. start + T - 1; None: the last T of the keys are these tokens'.
 
         A subset is scattered back onto the grid (zero queries elsewhere) and attends densely:
         keys and values are per sequence and the probe's share of an iteration's work is small
@@ -135,7 +140,8 @@ class AttentionProbe(nn.Module):
             q = q_rows.new_zeros(b * t, q_rows.shape[1]).index_copy(0, rows, q_rows)
         q = q.view(b, t, self.slots, self.head_dim).transpose(1, 2)
         if start is None:
-            q, mask = self.rope(q, 0), None
+            length = keys.shape[2]
+            q, mask = self.rope(q, length - t), attention_mask(t, length, None, h_eff.device)
         else:
             q = self.rope(q, start)
             positions = start + torch.arange(t, device=start.device)

@@ -34,8 +34,8 @@ once. Each graph also keeps its own copy of the inputs: the state and the token 
 its size, so the buckets of one grid hold a few times one full-grid context in all (and each a
 copy of the probe's per-sequence keys and values, which are small). Not used while
 ``torch.compile`` traces the model (``mode="reduce-overhead"`` then gives the whole forward
-CUDA graphs). In incremental decoding the attention probe's keys are the cache's whole
-buffers with a mask (``AttentionProbe``), so one graph serves every token.
+CUDA graphs). In incremental decoding with ``cuda_graph`` the attention probe's keys are the
+cache's whole buffers with a mask (``AttentionProbe``), so one graph serves every token.
 """
 
 from __future__ import annotations
@@ -107,10 +107,13 @@ def _graphs_of(workspace) -> _Graphs:
     return graphs
 
 
-def usable(h: Tensor) -> bool:
-    """Whether this settle call can replay graphs: on CUDA, and not while torch.compile
-    traces the model."""
-    return h.is_cuda and not torch.compiler.is_compiling()
+def usable(h: Tensor, context: TokenContext) -> bool:
+    """Whether this settle call can replay graphs: CUDA, not under torch.compile, and a
+    context of static shapes (no attention-probe keys that grow by a cache prefix)."""
+    if not h.is_cuda or torch.compiler.is_compiling():
+        return False
+    probe = context.probe_kv
+    return probe is None or context.probe_start is not None or probe[0].shape[2] == h.shape[1]
 
 
 def bucket(n: int) -> int:

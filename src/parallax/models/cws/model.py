@@ -73,7 +73,9 @@ class CWS(nn.Module):
         cfg = self.config
         start = cache.length if cache is not None else 0
         x = self.embed(input_ids)
-        context = self.pool.token_clocked(x, start, cache.pool if cache is not None else None)
+        context = self.pool.token_clocked(
+            x, start, cache.pool if cache is not None else None, static=cfg.cuda_graph
+        )
         settled = settle(
             self.workspace,
             self.pool,

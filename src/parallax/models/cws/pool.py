@@ -24,8 +24,8 @@ class TokenContext:
 
     ``observation`` (B, T, d) is the token's own reading (embedding, plus the SSM read when
     the pool has an SSM); ``fixed`` holds token-clocked proposals (B, T, S, d) by expert name;
-    ``probe_kv`` the attention probe's keys and values (B, S, L, dh): of these T tokens
-    (L = T), or in incremental decoding the cache's whole buffers (L = max_len), with
+    ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T, or for
+    CUDA graphs in incremental decoding the cache's whole buffers (L = max_len), with
     ``probe_start`` the first token's position as a 0-dim device tensor (see ``AttentionProbe``);
     ``grounding`` (B, T, d) what the h-clocked experts add to h_eff (``CWSConfig.ground``).
 
@@ -114,8 +114,9 @@ class ExpertPool(nn.Module):
             probe=None if probe is None else probe.new_cache(batch, max_len, device, dtype),
         )
 
-    def token_clocked(self, x: Tensor, start: int, cache: PoolCache | None) -> TokenContext:
-        """One context update over the new token embeddings x (B, T, d)."""
+    def token_clocked(self, x: Tensor, start: int, cache: PoolCache | None, static: bool = False) -> TokenContext:
+        """One context update over the new token embeddings x (B, T, d); ``static``: a context
+        of the same shapes at every position of incremental decoding (for CUDA graphs)."""
         context = TokenContext(observation=x)
         read = None
         if "ssm" in self.experts:
@@ -133,10 +134,11 @@ class ExpertPool(nn.Module):
                 source = torch.cat([x, torch.cat([first, x[:, :-1]], dim=1)], dim=-1)
             else:
                 source = x
+            static = static and cache is not None
             context.probe_kv = self.experts["attention"].keys_values(
-                source, start, cache.probe if cache is not None else None
+                source, start, cache.probe if cache is not None else None, static
             )
-            if cache is not None:  # filled on the device: no host-to-device copy to wait for
+            if static:  # filled on the device: no host-to-device copy to wait for
                 context.probe_start = torch.full((), start, dtype=torch.long, device=x.device)
         if cache is not None:
             cache.last_embedding = x[:, -1:]

@@ -68,7 +68,7 @@ def settle(
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
     b, t, _ = h.shape
-    graphs = cuda_graph and graphed.usable(h)
+    graphs = cuda_graph and graphed.usable(h, context)
     settings = dict(
         width=workspace.n_heads * pool.total_slots, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol,
         enabled=halting, device=h.device,
