@@ -14,9 +14,8 @@ import time
 
 import torch
 
-from parallax.bench.halting import _settle_call
-from parallax.bench.throughput import ThroughputConfig, matched_configs
-from parallax.models import build_model
+from parallax.bench.halting import model_and_tokens, settle_call
+from parallax.bench.throughput import ThroughputConfig
 from parallax.models.cws import graphed
 from parallax.models.cws.compact import planned_set_sizes
 
@@ -37,20 +36,16 @@ def median_ms(call, runs: int = 15):
 
 
 def main(out: str, tol: float = 0.5) -> None:
-    tc = ThroughputConfig(models=("cws",))
-    cfg = matched_configs(tc)["cws"]
-    torch.manual_seed(0)
-    model = build_model(cfg).cuda().eval()
-    ids = torch.randint(0, tc.vocab, (tc.batch, tc.seq), device="cuda",
-                        generator=torch.Generator(device="cuda").manual_seed(0))
+    model, ids = model_and_tokens(ThroughputConfig(), torch.device("cuda"))
+    cfg = model.config
     report = {"device": torch.cuda.get_device_name(), "tol": tol}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         context = model.pool.token_clocked(model.embed(ids), 0, None)
         knobs = dict(compile_step=True, cuda_graph=True)
-        report["off_ms"], _ = median_ms(_settle_call(model, context, halting=False, tol=0.0, loop="reference", **knobs))
+        report["off_ms"], _ = median_ms(settle_call(model, context, halting=False, tol=0.0, loop="reference", **knobs))
         for smallest in SMALLEST:
             graphed.SMALLEST_BUCKET = smallest
-            ms, result = median_ms(_settle_call(model, context, halting=True, tol=tol, loop="compact", **knobs))
+            ms, result = median_ms(settle_call(model, context, halting=True, tol=tol, loop="compact", **knobs))
             sizes = planned_set_sizes(result.k_used, cfg.k_max, graphed.bucket)
             report[smallest] = dict(ms=ms, vs_off=ms / report["off_ms"], sizes=sizes,
                                     work=sum(sizes) / (cfg.k_max * result.k_used.numel()))

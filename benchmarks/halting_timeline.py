@@ -15,9 +15,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from parallax.bench.halting import _settle_call
-from parallax.bench.throughput import ThroughputConfig, matched_configs
-from parallax.models import build_model
+from parallax.bench.halting import model_and_tokens, settle_call
+from parallax.bench.throughput import ThroughputConfig
 from parallax.models.cws import graphed
 from parallax.models.cws.compact import planned_set_sizes
 
@@ -45,18 +44,14 @@ def timeline(prof) -> dict:
 
 
 def main(out: str, tol: float = 0.5) -> None:
-    tc = ThroughputConfig(models=("cws",))
-    cfg = matched_configs(tc)["cws"]
-    torch.manual_seed(0)
-    model = build_model(cfg).cuda().eval()
-    ids = torch.randint(0, tc.vocab, (tc.batch, tc.seq), device="cuda",
-                        generator=torch.Generator(device="cuda").manual_seed(0))
+    model, ids = model_and_tokens(ThroughputConfig(), torch.device("cuda"))
+    cfg = model.config
     report = {"device": torch.cuda.get_device_name(), "tol": tol}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         context = model.pool.token_clocked(model.embed(ids), 0, None)
         for name, knobs in {"off": dict(halting=False, tol=0.0, loop="reference"),
                             "compact": dict(halting=True, tol=tol, loop="compact")}.items():
-            call = _settle_call(model, context, compile_step=True, cuda_graph=True, **knobs)
+            call = settle_call(model, context, compile_step=True, cuda_graph=True, **knobs)
             for _ in range(3):
                 result = call()
             torch.cuda.synchronize()

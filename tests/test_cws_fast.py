@@ -501,34 +501,15 @@ def test_graphed_compact_iterations_at_one_iteration_and_their_monitors(graphs_o
     assert len(graphed._graphs[model.workspace].monitors) == graphed.MONITORS_PER_WORKSPACE
 
 
-def test_graphed_compact_iterations_train_like_the_reference(graphs_on_cpu):
-    """halt_in_training, live_steps 2: the ring of earlier states kept in the capture's buffers."""
-    ids = tokens(batch=8, length=64)
+def assert_graphed_halting_trains_like_the_reference(device):
+    """halt_in_training with live_steps 2, two steps each: the compact loop's no-grad pass
+    replayed from graphs (its ring of earlier states in the captures' buffers) gives the
+    reference loop's K, loss and gradients."""
+    ids = tokens(batch=8, length=64).to(device)
     results = {}
     for loop, cuda_graph in (("reference", False), ("compact", True)):
         model = tiny_model(halting=True, halt_in_training=True, halt_tol=0.6, live_steps=2, loop=loop,
-                           cuda_graph=cuda_graph).train()
-        for _ in range(2):
-            model.zero_grad()
-            out = model(ids, targets=ids)
-            out.loss.backward()
-        results[loop] = out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    (fast, grads), (ref, ref_grads) = results["compact"], results["reference"]
-    assert graphed_keys(model)
-    assert torch.equal(fast.diagnostics["k_used"], ref.diagnostics["k_used"])
-    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=0)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-@cuda_only
-def test_cuda_graph_compact_loop_trains_like_the_reference():
-    """halt_in_training with live_steps 2: the no-grad pass replayed from graphs."""
-    ids = tokens(batch=8, length=64).cuda()
-    results = {}
-    for loop, cuda_graph in (("reference", False), ("compact", True)):
-        model = tiny_model(halting=True, halt_in_training=True, halt_tol=0.6, live_steps=2, loop=loop,
-                           cuda_graph=cuda_graph).train().cuda()
+                           cuda_graph=cuda_graph).train().to(device)
         for _ in range(2):
             model.zero_grad()
             out = model(ids, targets=ids)
@@ -540,6 +521,15 @@ def test_cuda_graph_compact_loop_trains_like_the_reference():
     torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=0)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_graphed_compact_iterations_train_like_the_reference(graphs_on_cpu):
+    assert_graphed_halting_trains_like_the_reference("cpu")
+
+
+@cuda_only
+def test_cuda_graph_compact_loop_trains_like_the_reference():
+    assert_graphed_halting_trains_like_the_reference("cuda")
 
 
 @cuda_only

@@ -42,8 +42,9 @@ from parallax.models.cws.settle import settle
 DEFAULT_TOLERANCES = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
-def _settle_call(model, context, *, halting: bool, tol: float, loop: str, compile_step: bool,
-                 cuda_graph: bool = False):
+def settle_call(model, context, *, halting: bool, tol: float, loop: str, compile_step: bool,
+                cuda_graph: bool = False):
+    """A no-argument call of the no-grad settle loop on ``context`` with these settings."""
     cfg = model.config
     return lambda: settle(
         model.workspace, model.pool, context, k_max=cfg.k_max, k_min=cfg.k_min, halting=halting,
@@ -62,23 +63,30 @@ def _work(k_used, k_max: int, *, halting: bool, loop: str, cuda_graph: bool = Fa
     return sum(sizes) / (k_max * k_used.numel())
 
 
-def run_halting(
-    tc: ThroughputConfig, tolerances=DEFAULT_TOLERANCES, compile_step: bool = True, log=print
-) -> dict[str, Any]:
-    """Rows of (halting, tol, loop, compile_step, ms, mean K, m, time vs halting off)."""
+def model_and_tokens(tc: ThroughputConfig, device: torch.device):
+    """The matched CWS at its seeded initial weights, in eval mode, and the random tokens it
+    settles (the same in every halting measurement, scripts in benchmarks/ included)."""
     from parallax.models import build_model
 
-    tc.validate()
-    device, dtype = resolve(tc)
     cfg = matched_configs(dataclasses.replace(tc, models=("cws",)))["cws"]
     torch.manual_seed(0)
     model = build_model(cfg).to(device).eval()
     generator = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, tc.vocab, (tc.batch, tc.seq), device=device, generator=generator)
+    return model, torch.randint(0, tc.vocab, (tc.batch, tc.seq), device=device, generator=generator)
+
+
+def run_halting(
+    tc: ThroughputConfig, tolerances=DEFAULT_TOLERANCES, compile_step: bool = True, log=print
+) -> dict[str, Any]:
+    """Rows of (halting, tol, loop, compile_step, ms, mean K, m, time vs halting off)."""
+    tc.validate()
+    device, dtype = resolve(tc)
+    model, ids = model_and_tokens(tc, device)
+    cfg = model.config
     rows: list[dict[str, Any]] = []
 
     def measure(**setting) -> dict[str, Any]:
-        call = _settle_call(model, context, **setting)
+        call = settle_call(model, context, **setting)
         times = time_calls(call, device, tc.warmup, tc.steps)
         k_used = call().k_used
         mean_k = k_used.float().mean().item()
