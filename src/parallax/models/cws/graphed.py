@@ -7,8 +7,9 @@ A captured step is one launch. Every no-grad iteration of ``settle`` can use one
 * halting off (all k_max iterations in evaluation, the first k_max - live_steps in
   training): the same shapes every iteration, so one graph of the step serves all of them
   (two under autocast: iteration 1 takes the fp32 h_0, the others bf16 states); also in
-  incremental decoding, where every token has the same shapes. The halting monitor observes each replay's raw logits eagerly; nothing waits
-  for it, so its launches overlap the GPU's work.
+  incremental decoding, where every token has the same shapes. The halting monitor observes
+  each replay's raw logits eagerly; nothing waits for it, so its launches overlap the GPU's
+  work.
 * halting on, compact loop (``GraphedIterations``): the whole iteration is captured, the
   step with the monitor, the masks and the active count, since the loop reads that count
   every iteration and would otherwise wait on dozens of launches per iteration. The working
@@ -275,8 +276,8 @@ class _CapturedIteration:
         self.rows = None if rows is None else rows.clone()
         self.context = _clone_context(context)
         self.k = torch.ones((), dtype=torch.long, device=states[0].device)  # in range for any k_max
-        function, workspace, pool, monitor = iterations.function(rows), iterations.workspace, iterations.pool, iterations.monitor
-        self.monitor = monitor  # kept alive with the capture: its addresses are in the capture's key
+        function, workspace, pool = iterations.function(rows), iterations.workspace, iterations.pool
+        monitor = self.monitor = iterations.monitor  # kept alive with the capture: its addresses are in the key
         saved = [x.clone() for x in monitor.tensors()]
 
         def restore():  # the warm-up runs iterated the monitor in place
@@ -293,7 +294,8 @@ class _CapturedIteration:
         of the (B*T, ...) ``states`` and of the grid's context, gathered straight into them;
         the loop then iterates the returned buffers."""
         if rows is None:
-            for buffer, x in zip([*self.states, *_context_tensors(self.context)], [*states, *_context_tensors(context)]):
+            buffers, sources = [*self.states, *_context_tensors(self.context)], [*states, *_context_tensors(context)]
+            for buffer, x in zip(buffers, sources):
                 buffer.copy_(x)
             return self.states
         for buffer, x in zip(self.states, states):
