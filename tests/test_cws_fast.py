@@ -27,6 +27,7 @@ def small_buckets(monkeypatch):
     monkeypatch.setattr(graphed, "SMALLEST_BUCKET", 64)
 
 VOCAB = 24
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 POOLS = {
     "default": {},
     "grounded-shift": dict(ground=True, probe_keys="shift"),
@@ -242,6 +243,116 @@ def test_absorbed_read_trains_like_the_projected_read(live_steps):
         assert relative_error(fast_grads[name], ref_grads[name]) < 1e-4, name
 
 
+# ---------------------------------------------------------------- fused read (Triton)
+
+
+# Triton's CPU interpreter is chosen when Triton is imported, so the kernel's CPU checks run in a
+# process of their own with TRITON_INTERPRET=1; they print what the test asserts on.
+FUSED_READ_CHECKS = r"""
+import json, math, torch
+from parallax.models import build_model
+from parallax.models.cws import CWSConfig
+from parallax.models.cws.settle import settle
+from parallax.ops import fused_read
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+out = {"kernel": [], "settle": {}, "train": {}}
+torch.manual_seed(0)
+for n, heads, head_dim, slots, dim, dtype in [
+    (20, 2, 16, 3, 32, torch.float32),  # fewer tokens than a block, slots padded to 4
+    (37, 4, 16, 6, 80, torch.float32),  # d not a multiple of the 64-wide chunk
+    (33, 2, 32, 6, 64, torch.float16),
+]:
+    q, pool = torch.randn(n, heads, head_dim, dtype=dtype), torch.randn(n, slots, dim, dtype=dtype)
+    cum = torch.rand(n, heads, slots, dtype=dtype) + 0.5
+    w_k, w_v = 0.1 * torch.randn(heads, head_dim, dim), 0.1 * torch.randn(heads, head_dim, dim)
+    fused = fused_read.fused_read(q, pool, cum, w_k, w_v, 0.9, 2.0)
+    ref = fused_read.absorbed_read_reference(q.float(), pool.float(), cum.float(), w_k, w_v, 0.9, 2.0)
+    out["kernel"].append({"dtype": str(dtype), "errors": [rel(a, b) for a, b in zip(fused, ref)],
+                          "dtypes_kept": all(x.dtype == dtype for x in fused)})
+
+def model(read, **knobs):
+    torch.manual_seed(0)
+    base = dict(vocab_size=24, d_model=32, n_heads=2, decoder_heads=2, probe_head_dim=8, mlp_hidden=16,
+                siren_hidden=16, ssm_state=4, ssm_chunk=4, k_max=12, decoder_window=4, read=read)
+    return build_model(CWSConfig(**{**base, **knobs}))
+
+ids = torch.randint(0, 24, (3, 16), generator=torch.Generator().manual_seed(0))
+for loop, halting in (("reference", False), ("compact", True)):
+    settled = {}
+    for read in ("fused", "absorbed"):
+        m = model(read).eval()
+        with torch.no_grad():
+            context = m.pool.token_clocked(m.embed(ids), 0, None)
+            settled[read] = settle(m.workspace, m.pool, context, k_max=12, k_min=1, halting=halting, rule="first",
+                                   tol=0.3, live_steps=0, loop=loop)
+    f, a = settled["fused"], settled["absorbed"]
+    out["settle"][loop] = {"h": rel(f.h, a.h), "same_k": bool(torch.equal(f.k_used, a.k_used)),
+                           "k_values": len(a.k_used.unique())}
+grads = {}
+for read in ("fused", "absorbed"):
+    m = model(read, k_max=6, halting=False, live_steps=2).train()
+    loss = m(ids, targets=ids).loss
+    loss.backward()
+    grads[read] = (loss, {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+(loss, g), (ref_loss, ref_g) = grads["fused"], grads["absorbed"]
+out["train"] = {"loss": abs(loss.item() - ref_loss.item()) / ref_loss.item(),
+                "grads": max(rel(g[n], ref_g[n]) for n in ref_g), "same_names": sorted(g) == sorted(ref_g)}
+print(json.dumps(out))
+"""
+
+
+def test_fused_read_under_the_triton_interpreter():
+    """The kernel against ``absorbed_read_reference`` on random inputs (fp32 near 1e-6, fp16 below
+    1e-2), and a model with ``read="fused"`` against one with the absorbed read: the same settled
+    states and K (halting off and on), the same loss and gradients (the live steps with grad run
+    the PyTorch read, the others the kernel)."""
+    pytest.importorskip("triton", reason="the fused read needs triton (pip install parallax[gpu])")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", FUSED_READ_CHECKS], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, tol in zip(out["kernel"], (1e-5, 1e-5, 1e-2)):
+        assert case["dtypes_kept"] and max(case["errors"]) < tol, case
+    for loop, result in out["settle"].items():
+        assert result["same_k"] and result["h"] < 1e-5, (loop, result)
+    assert out["settle"]["compact"]["k_values"] > 2  # halting at several K
+    assert out["train"]["same_names"] and out["train"]["loss"] < 1e-5 and out["train"]["grads"] < 1e-4, out["train"]
+
+
+def test_fused_read_falls_back_to_the_absorbed_read_where_it_cannot_run():
+    """On CPU without Triton's interpreter the PyTorch absorbed read runs: the same numbers."""
+    ids = tokens()
+    fused = settle_with(tiny_model(d_model=32, read="fused").eval(), ids, "compact")
+    absorbed = settle_with(tiny_model(d_model=32, read="absorbed").eval(), ids, "compact")
+    assert torch.equal(fused.h, absorbed.h) and torch.equal(fused.k_used, absorbed.k_used)
+    with pytest.raises(ValueError, match="power-of-two head dimension"):
+        tiny_model(d_model=24, n_heads=2, read="fused")
+
+
+@cuda_only
+@pytest.mark.parametrize("compile_step, cuda_graph", [(False, False), (True, True)])
+def test_fused_read_on_cuda_in_bf16(compile_step, cuda_graph, inductor):
+    """The kernel compiled for the GPU, under autocast, also inside torch.compile and CUDA
+    graphs: settled states within 1% of the absorbed read's."""
+    ids = tokens(batch=8, length=64).cuda()
+    results = {}
+    for read in ("fused", "absorbed"):
+        model = tiny_model(d_model=64, n_heads=4, read=read).eval().cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results[read] = settle_with(model, ids, "reference", halting=False, compile_step=compile_step,
+                                        cuda_graph=cuda_graph and read == "fused")
+    assert relative_error(results["fused"].h, results["absorbed"].h) < 1e-2
+
+
 # ---------------------------------------------------------------- compiled workspace step
 
 
@@ -288,7 +399,6 @@ def test_compiled_compact_loop_equals_reference(inductor, selects):
 
 # ---------------------------------------------------------------- CUDA-graph replay
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
 
 
 def graphed_keys(model) -> list:

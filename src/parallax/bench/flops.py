@@ -124,7 +124,7 @@ def cws_iteration(cfg, batch: int, seq: int) -> float:
             h = cfg.siren_hidden
             total += linear(n, d, h) + linear(n, h, h) + linear(n, h, slots * d)
     n_slots = sum(cfg.slots)
-    if cfg.read == "absorbed":
+    if cfg.read in ("absorbed", "fused"):
         # q and o projections; W_k into the query and W_v after the read, once per token; raw
         # scores and the weighted sum, per head against the d-wide slots
         return total + 4 * linear(n, d, d) + 2 * 2.0 * n * cfg.n_heads * n_slots * d

@@ -10,7 +10,8 @@
     h      <- O_proj(sum_s weights_s * v_s)
 
 ``CWSConfig.read = "projected"`` runs exactly this; the default ``"absorbed"`` computes the
-same raw and read without K(pool) and V(pool) (see ``Workspace._absorbed``): 2 instead of
+same raw and read without K(pool) and V(pool) (see ``Workspace._absorbed``; ``"fused"`` runs
+it, with cum and the weights, as one Triton kernel when there is no gradient): 2 instead of
 2 S d x d products per token and iteration. In their place it writes two (B, T, H, d) tensors
 (the query in slot space and the per-head weighted sum) where the projected read writes the
 (B, T, S, d) keys and values, so it moves fewer bytes only when there are fewer heads than
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from parallax.models.cws.config import CWSConfig
 from parallax.models.cws.pool import ExpertPool, TokenContext
 from parallax.models.layers import RMSNorm
+from parallax.ops import fused_read
 
 
 class Workspace(nn.Module):
@@ -70,13 +72,25 @@ class Workspace(nn.Module):
         h_eff = self.h_norm(h)
         slots = self.pool_norm(pool(h_eff, context))  # (B, T, S, d)
         q = self.q_proj(h_eff).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, dh)
-        if self.config.read == "absorbed":
+        if self.config.read == "fused" and not torch.is_grad_enabled() and fused_read.usable(q):
+            return self._fused(q, slots, cum)
+        if self.config.read in ("absorbed", "fused"):
             raw, read_of = self._absorbed(q, slots)
         else:
             raw, read_of = self._projected(q, slots)
         cum = self.decay * cum + (1.0 - self.decay) + raw
         weights = torch.log1p(F.silu(cum)) / math.log(self.base)
         return self.o_proj(read_of(weights).flatten(-2)), cum, raw
+
+    def _fused(self, q: Tensor, slots: Tensor, cum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The absorbed read, cum and weights in one Triton kernel (no gradient)."""
+        w_k = self.k_proj.weight.view(self.n_heads, self.head_dim, -1)
+        w_v = self.v_proj.weight.view(self.n_heads, self.head_dim, -1)
+        lead = q.shape[:-2]
+        raw, cum, read = fused_read.fused_read(
+            q.flatten(0, -3), slots.flatten(0, -3), cum.flatten(0, -3), w_k, w_v, self.decay, self.base
+        )
+        return self.o_proj(read.view(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
 
     def _projected(self, q: Tensor, slots: Tensor):
         """The pseudo-code as written: K and V of every slot, (B, T, S, H, dh) each."""
