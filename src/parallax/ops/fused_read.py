@@ -79,7 +79,7 @@ def fused_read(
         q, slots, cum, w_k, w_v, raw, new_cum, read,
         n, dim, decay, 1.0 / math.sqrt(head_dim), 1.0 / math.log(base),
         HEADS=heads, HEAD_DIM=head_dim, SLOTS=n_slots, SLOTS_P2=triton.next_power_of_2(n_slots),
-        BLOCK_N=BLOCK_TOKENS, BLOCK_D=BLOCK_D,
+        BLOCK_N=BLOCK_TOKENS, BLOCK_D=BLOCK_D, PRECISION="ieee" if q.dtype == torch.float32 else None,
     )
     return raw, new_cum, read
 
@@ -91,8 +91,10 @@ if triton is not None:
         q_ptr, slots_ptr, cum_ptr, wk_ptr, wv_ptr, raw_ptr, new_cum_ptr, read_ptr,
         n_tokens, dim, decay, scale, inv_ln_base,
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        # PRECISION: fp32 inputs multiply in full fp32 ("ieee"), as torch's matmul does unless
+        # TF32 is allowed; None (the default) for bf16 and fp16 inputs
         tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
         token_ok = tokens < n_tokens
         s = tl.arange(0, SLOTS_P2)
@@ -111,7 +113,7 @@ if triton is not None:
                 d_ok = d < dim
                 w_k = tl.load(wk_ptr + (h * HEAD_DIM + e[:, None]) * dim + d[None, :],
                               mask=d_ok[None, :], other=0.0)  # (dh, BD)
-                q_slot = tl.dot(q, w_k)  # (BN, BD), fp32
+                q_slot = tl.dot(q, w_k, input_precision=PRECISION)  # (BN, BD), fp32
                 sl = tl.load(slots_ptr + slot_rows[:, :, None] + d[None, None, :],
                              mask=slot_ok[:, :, None] & d_ok[None, None, :], other=0.0)  # (BN, S, BD)
                 scores += tl.sum(q_slot[:, None, :] * sl.to(tl.float32), axis=2)
@@ -133,6 +135,6 @@ if triton is not None:
                 mixed = tl.sum(weights[:, :, None] * sl.to(tl.float32), axis=1)  # (BN, BD)
                 w_v = tl.load(wv_ptr + (h * HEAD_DIM + e[None, :]) * dim + d[:, None],
                               mask=d_ok[:, None], other=0.0)  # (BD, dh): W_v[h] transposed
-                read += tl.dot(mixed.to(w_v.dtype), w_v)
+                read += tl.dot(mixed.to(w_v.dtype), w_v, input_precision=PRECISION)
             tl.store(read_ptr + (tokens[:, None] * HEADS + h) * HEAD_DIM + e[None, :],
                      read.to(read_ptr.dtype.element_ty), mask=token_ok[:, None])
