@@ -35,7 +35,6 @@ except ImportError:  # the optional extra (pip install parallax[gpu]) is not ins
     triton = None
 
 BLOCK_TOKENS = 16  # tokens per program: the smallest M of tl.dot
-BLOCK_D = 64  # model-dimension chunk of both passes
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for tests
@@ -45,6 +44,13 @@ def usable(x: Tensor) -> bool:
     """Whether the kernel can run on ``x``'s device: Triton is installed, and the tensors are
     on CUDA (or Triton interprets on CPU)."""
     return triton is not None and (x.is_cuda or INTERPRETED)
+
+
+def block_d(slots_p2: int, dtype: torch.dtype) -> int:
+    """The model-dimension chunk of both passes: the (tokens, slots, chunk) fp32 tile of the
+    slots must fit in registers (sm_90, compiled offline: 8 heads of 64, 6 slots in bf16 use 254
+    registers and no stack at 32; 12 slots, or fp32 inputs, need 16)."""
+    return 32 if slots_p2 <= 8 and dtype != torch.float32 else 16
 
 
 def absorbed_read_reference(
@@ -75,11 +81,13 @@ def fused_read(
     new_cum = torch.empty_like(cum)
     read = torch.empty_like(q)
     grid = (triton.cdiv(n, BLOCK_TOKENS),)
+    slots_p2 = triton.next_power_of_2(n_slots)
     _read_kernel[grid](
         q, slots, cum, w_k, w_v, raw, new_cum, read,
-        n, dim, decay, 1.0 / math.sqrt(head_dim), 1.0 / math.log(base),
-        HEADS=heads, HEAD_DIM=head_dim, SLOTS=n_slots, SLOTS_P2=triton.next_power_of_2(n_slots),
-        BLOCK_N=BLOCK_TOKENS, BLOCK_D=BLOCK_D, PRECISION="ieee" if q.dtype == torch.float32 else None,
+        n, dim, DECAY=decay, SCALE=1.0 / math.sqrt(head_dim), INV_LN_BASE=1.0 / math.log(base),
+        HEADS=heads, HEAD_DIM=head_dim, SLOTS=n_slots, SLOTS_P2=slots_p2,
+        BLOCK_N=BLOCK_TOKENS, BLOCK_D=block_d(slots_p2, q.dtype),
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
     )
     return raw, new_cum, read
 
@@ -89,13 +97,15 @@ if triton is not None:
     @triton.jit
     def _read_kernel(
         q_ptr, slots_ptr, cum_ptr, wk_ptr, wv_ptr, raw_ptr, new_cum_ptr, read_ptr,
-        n_tokens, dim, decay, scale, inv_ln_base,
+        n_tokens, dim,
+        DECAY: tl.constexpr, SCALE: tl.constexpr, INV_LN_BASE: tl.constexpr,  # constants of the config (a
+        # float argument would arrive as fp64 under torch.compile and pull the epilogue into fp64)
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # PRECISION: fp32 inputs multiply in full fp32 ("ieee"), as torch's matmul does unless
         # TF32 is allowed; None (the default) for bf16 and fp16 inputs
-        tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BN,), 64-bit offsets
         token_ok = tokens < n_tokens
         s = tl.arange(0, SLOTS_P2)
         s_ok = s < SLOTS
@@ -117,12 +127,12 @@ if triton is not None:
                 sl = tl.load(slots_ptr + slot_rows[:, :, None] + d[None, None, :],
                              mask=slot_ok[:, :, None] & d_ok[None, None, :], other=0.0)  # (BN, S, BD)
                 scores += tl.sum(q_slot[:, None, :] * sl.to(tl.float32), axis=2)
-            raw = scores * scale
+            raw = scores * SCALE
             hs = (tokens[:, None] * HEADS + h) * SLOTS + s[None, :]  # (BN, S) into (N, H, S)
             cum = tl.load(cum_ptr + hs, mask=slot_ok, other=0.0).to(tl.float32)
-            cum = decay * cum + (1.0 - decay) + raw
+            cum = DECAY * cum + (1.0 - DECAY) + raw
             silu = cum / (1.0 + tl.exp(-cum))
-            weights = tl.where(slot_ok, tl.log(1.0 + silu) * inv_ln_base, 0.0)
+            weights = tl.where(slot_ok, tl.log(1.0 + silu) * INV_LN_BASE, 0.0)
             tl.store(raw_ptr + hs, raw.to(raw_ptr.dtype.element_ty), mask=slot_ok)
             tl.store(new_cum_ptr + hs, cum.to(new_cum_ptr.dtype.element_ty), mask=slot_ok)
             weights = weights.to(q_ptr.dtype.element_ty).to(tl.float32)  # as autocast casts them
