@@ -146,7 +146,7 @@ def _iterate_workspace(workspace: Workspace, pool, context, monitor, states, row
 def _iterate_working_set(workspace: Workspace, pool, context, monitor, states, rows, k) -> Tensor:
     """``_iterate_workspace`` under a code object of its own, so its dynamic-shape graphs are
     cached apart from the whole grid's static ones (dynamo caches per code object)."""
-    return iterate(lambda *args: Workspace.step(workspace, *args), pool, context, monitor, states, rows, k)
+    return _iterate_workspace(workspace, pool, context, monitor, states, rows, k)
 
 
 @functools.cache
