@@ -14,6 +14,7 @@ from parallax.models.cws import CWSConfig
 from parallax.models.cws.compact import RECOMPACT_BELOW, LaggedCount, planned_set_sizes
 from parallax.models.cws.pool import TokenContext
 from parallax.models.cws.settle import settle
+from parallax.ops import fused_read
 
 pytestmark = pytest.mark.usefixtures("one_thread", "small_buckets")
 
@@ -261,8 +262,9 @@ def rel(a, b):
 out = {"kernel": [], "settle": {}, "train": {}}
 torch.manual_seed(0)
 for n, heads, head_dim, slots, dim, dtype in [
-    (20, 2, 16, 3, 32, torch.float32),  # fewer tokens than a block, slots padded to 4
-    (37, 4, 16, 6, 80, torch.float32),  # d not a multiple of the 64-wide chunk
+    (20, 3, 12, 3, 32, torch.float32),  # heads padded to 4, slots to 4
+    (37, 4, 16, 6, 80, torch.float32),  # d not a power of two: the chunk masked
+    (5, 3, 16, 5, 1030, torch.float32),  # three 512-wide chunks, the last masked
     (33, 2, 32, 6, 64, torch.float16),
     (50, 8, 16, 5, 100, "mixed"),  # q fp16, slots and cum fp32, as autocast may leave them
 ]:
@@ -276,6 +278,7 @@ for n, heads, head_dim, slots, dim, dtype in [
     ref = fused_read.absorbed_read_reference(q.float(), pool.float(), cum.float(), w_k, w_v, 0.9, 2.0)
     out["kernel"].append({"dtype": str(dtype), "errors": [rel(a, b) for a, b in zip(fused, ref)],
                           "dtypes_kept": [x.dtype for x in fused] == [cum.dtype, cum.dtype, q.dtype]})
+out["empty"] = [list(x.shape) for x in fused_read.fused_read(q[:0], pool[:0], cum[:0], w_k, w_v, 0.9, 2.0)]
 
 def model(read, **knobs):
     torch.manual_seed(0)
@@ -324,8 +327,9 @@ def test_fused_read_under_the_triton_interpreter():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    for case, tol in zip(out["kernel"], (1e-5, 1e-5, 1e-2, 1e-2), strict=True):
+    for case, tol in zip(out["kernel"], (1e-5, 1e-5, 1e-5, 1e-2, 1e-2), strict=True):
         assert case["dtypes_kept"] and max(case["errors"]) < tol, case
+    assert out["empty"] == [[0, 8, 5], [0, 8, 5], [0, 8, 16]]  # no tokens (an emptied working set): no launch
     for loop, result in out["settle"].items():
         assert result["same_k"] and result["h"] < 1e-5, (loop, result)
     assert out["settle"]["compact"]["k_values"] > 2  # halting at several K
@@ -338,29 +342,39 @@ def test_fused_read_falls_back_to_the_absorbed_read_where_it_cannot_run():
     fused = settle_with(tiny_model(d_model=32, read="fused").eval(), ids, "compact")
     absorbed = settle_with(tiny_model(d_model=32, read="absorbed").eval(), ids, "compact")
     assert torch.equal(fused.h, absorbed.h) and torch.equal(fused.k_used, absorbed.k_used)
-    with pytest.raises(ValueError, match="power-of-two head dimension"):
-        tiny_model(d_model=24, n_heads=2, read="fused")
 
 
 @cuda_only
-@pytest.mark.parametrize("d_model, heads", [(64, 4), (48, 3)])  # 6 slots; d 48 not a multiple of the chunk
+@pytest.mark.parametrize("d_model, heads", [(64, 4), (48, 3)])  # 6 slots; d 48 and 3 heads padded
 @pytest.mark.parametrize("loop, compile_step, cuda_graph", [
     ("reference", False, False), ("reference", True, True), ("compact", True, False), ("compact", True, True),
 ])
-def test_fused_read_on_cuda_in_bf16(d_model, heads, loop, compile_step, cuda_graph, inductor):
+def test_fused_read_on_cuda_in_bf16(d_model, heads, loop, compile_step, cuda_graph, inductor, monkeypatch):
     """The kernel compiled for the GPU, under autocast, also inside torch.compile (the compact
-    loop's working set with dynamic shapes) and CUDA graphs: settled states within 1% of the
-    absorbed read's, the same K but for a few tokens at a halting threshold."""
+    loop's working set with dynamic shapes) and CUDA graphs, is about as accurate as the absorbed
+    read in bf16: against the absorbed read in fp32, at most 1% fewer tokens settle at the same K
+    (halting compares raw logits, which the kernel keeps in fp32 and the absorbed read rounds to
+    bf16, so tokens at a threshold may flip either way), and the states of those tokens are
+    within 1%."""
     ids = tokens(batch=8, length=64).cuda()
-    results = {}
-    for read in ("fused", "absorbed"):
+    launches = []
+    kernel_read = fused_read.fused_read
+    monkeypatch.setattr(fused_read, "fused_read", lambda *args: launches.append(1) or kernel_read(*args))
+
+    def settled(read, bf16, **knobs):
         model = tiny_model(d_model=d_model, n_heads=heads, read=read).eval().cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            results[read] = settle_with(model, ids, loop, halting=loop == "compact", compile_step=compile_step,
-                                        cuda_graph=cuda_graph and read == "fused")
-    fused, absorbed = results["fused"], results["absorbed"]
-    assert relative_error(fused.h, absorbed.h) < 1e-2
-    assert (fused.k_used != absorbed.k_used).float().mean() < 0.02
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            return settle_with(model, ids, loop, halting=loop == "compact", **knobs)
+
+    exact = settled("absorbed", bf16=False)
+    fused = settled("fused", bf16=True, compile_step=compile_step, cuda_graph=cuda_graph)
+    absorbed = settled("absorbed", bf16=True, compile_step=compile_step)
+    assert launches  # the fused run took the kernel, not the PyTorch fallback
+    agree = {name: (r.k_used == exact.k_used).float().mean().item() for name, r in (("fused", fused),
+                                                                                    ("absorbed", absorbed))}
+    assert agree["fused"] >= min(agree["absorbed"] - 0.01, 0.98), agree
+    same_k = fused.k_used == exact.k_used
+    assert relative_error(fused.h[same_k], exact.h[same_k]) < 1e-2
 
 
 # ---------------------------------------------------------------- compiled workspace step

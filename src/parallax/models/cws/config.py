@@ -59,8 +59,9 @@ class CWSConfig(ModelConfig):
     # how an iteration reads the pool (workspace.py): "projected" computes K and V of every slot,
     # as the pseudo-code says; "absorbed" folds W_k into the query and W_v after the weighted
     # sum, the same values for 2 instead of 2 S d x d products per token (the plain twin is
-    # "projected"); "fused" is the absorbed read whose no-grad iterations run as one Triton
-    # kernel on CUDA (ops/fused_read.py; the PyTorch absorbed read where it cannot)
+    # "projected"); "fused" is the absorbed read whose no-grad iterations run the per-token
+    # products and the cum / weights update as one Triton kernel on CUDA (ops/fused_read.py;
+    # the PyTorch absorbed read where it cannot)
     read: str = "absorbed"
     # torch.compile the no-grad workspace iterations (the compact loop's whole iteration, monitor
     # included; its working set with dynamic shapes)
@@ -78,9 +79,6 @@ class CWSConfig(ModelConfig):
     def validate(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must divide by n_heads {self.n_heads}")
-        head_dim = self.d_model // self.n_heads
-        if self.read == "fused" and (head_dim < 16 or head_dim & (head_dim - 1)):
-            raise ValueError(f"read='fused' needs a power-of-two head dimension of at least 16, got {head_dim}")
         if self.d_model % self.decoder_heads or (self.d_model // self.decoder_heads) % 2:
             raise ValueError(
                 f"d_model {self.d_model} must divide by decoder_heads {self.decoder_heads} "

@@ -90,7 +90,7 @@ class Workspace(nn.Module):
         raw, cum, read = fused_read.fused_read(
             q.flatten(0, -3), slots.flatten(0, -3), cum.flatten(0, -3), w_k, w_v, self.decay, self.base
         )
-        return self.o_proj(read.view(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
+        return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
 
     def _projected(self, q: Tensor, slots: Tensor):
         """The pseudo-code as written: K and V of every slot, (B, T, S, H, dh) each."""

@@ -1,0 +1,78 @@
+"""The fused read's kernel against the PyTorch absorbed read it replaces, at the benchmark's size.
+
+One no-grad workspace read of the matched CWS (d 512, 8 heads, 6 slots) for every token of a
+training batch (32 x 512), in bf16: first the error of both against an fp32 reference, then the
+time of the absorbed read (four einsums and the update), of ``fused_read`` (two weight products
+and the kernel, at the module's launch shape), and of the kernel alone for a few chunk widths
+and warp counts, with the kernel's bytes over its time against the copy bandwidth measured in
+the same run.
+
+    python benchmarks/fused_read.py out.json       # CUDA only
+"""
+
+import json
+import math
+import sys
+
+import torch
+from triton.testing import do_bench
+
+from parallax.ops import fused_read as fr
+
+N, HEADS, HEAD_DIM, SLOTS, DIM = 32 * 512, 8, 64, 6, 512
+DECAY, BASE = 0.9, 2.0
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def copy_bandwidth_gbs() -> float:
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200)
+    return 2 * x.numel() * 4 / ms / 1e6
+
+
+def main(out: str) -> None:
+    torch.manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(N, HEADS, HEAD_DIM, **bf16)
+    slots = torch.randn(N, SLOTS, DIM, **bf16)
+    cum = torch.rand(N, HEADS, SLOTS, device="cuda") + 0.5
+    w_k, w_v = (torch.randn(HEADS, HEAD_DIM, DIM, **bf16) / math.sqrt(DIM) for _ in range(2))
+    args = (q, slots, cum, w_k, w_v, DECAY, BASE)
+    exact = fr.absorbed_read_reference(*(x.double() if torch.is_tensor(x) else x for x in args))
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": dict(tokens=N, heads=HEADS, head_dim=HEAD_DIM, slots=SLOTS, dim=DIM)}
+    for name, read in (("absorbed", fr.absorbed_read_reference), ("fused", fr.fused_read)):
+        got = read(*args)
+        report[name] = {"errors_raw_cum_read": [relative_error(a, b) for a, b in zip(got, exact)],
+                        "ms": do_bench(lambda read=read: read(*args), warmup=50, rep=300)}
+    report["fused_vs_absorbed"] = report["fused"]["ms"] / report["absorbed"]["ms"]
+
+    q_slot = torch.einsum("nhe,hed->nhd", q, w_k)
+    raw, new_cum, mixed = torch.empty_like(cum), torch.empty_like(cum), torch.empty_like(q_slot)
+    moved = sum(x.numel() * x.element_size() for x in (q_slot, slots, cum, raw, new_cum, mixed))
+    report["copy_gbs"] = copy_bandwidth_gbs()
+    report["kernel"] = []
+    for block_d in (64, 128, 256, 512):
+        for warps in (1, 2, 4):
+            def launch(block_d=block_d, warps=warps):
+                fr._token_read_kernel[(N,)](
+                    q_slot, slots, cum, raw, new_cum, mixed, DECAY=DECAY, SCALE=1 / math.sqrt(HEAD_DIM),
+                    INV_LN_BASE=1 / math.log(BASE), HEADS=HEADS, HEADS_P2=HEADS, SLOTS=SLOTS, SLOTS_P2=8,
+                    DIM=DIM, BLOCK_D=block_d, num_warps=warps)
+            ms = do_bench(launch, warmup=50, rep=300)
+            row = dict(block_d=block_d, warps=warps, ms=ms, gbs=moved / ms / 1e6)
+            row["of_copy"] = row["gbs"] / report["copy_gbs"]
+            report["kernel"].append(row)
+            print(row, flush=True)
+    report["fastest"] = min(report["kernel"], key=lambda row: row["ms"])
+    print(json.dumps({k: v for k, v in report.items() if k != "kernel"}, indent=1))
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
