@@ -76,15 +76,14 @@ def fused_read(
     raw = torch.empty_like(cum)
     new_cum = torch.empty_like(cum)
     mixed = torch.empty_like(q_slot)
-    if n == 0:  # no token to read for: no launch (a grid of zero programs is an error)
-        return raw, new_cum, torch.einsum("nhd,hed->nhe", mixed, w_v.to(q.dtype))
-    _token_read_kernel[(n,)](
-        q_slot, slots, cum, raw, new_cum, mixed,
-        DECAY=decay, SCALE=1.0 / math.sqrt(head_dim), INV_LN_BASE=1.0 / math.log(base),
-        HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), SLOTS=n_slots,
-        SLOTS_P2=triton.next_power_of_2(n_slots), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
-        num_warps=NUM_WARPS,
-    )
+    if n:  # no tokens (an emptied working set): no launch, as a grid of zero programs is an error
+        _token_read_kernel[(n,)](
+            q_slot, slots, cum, raw, new_cum, mixed,
+            DECAY=decay, SCALE=1.0 / math.sqrt(head_dim), INV_LN_BASE=1.0 / math.log(base),
+            HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), SLOTS=n_slots,
+            SLOTS_P2=triton.next_power_of_2(n_slots), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
+            num_warps=NUM_WARPS,
+        )
     read = torch.einsum("nhd,hed->nhe", mixed, w_v.to(q.dtype))
     return raw, new_cum, read
 
