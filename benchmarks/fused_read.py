@@ -17,6 +17,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
+from parallax.bench.throughput import environment, measure_ceilings
 from parallax.ops import fused_read as fr
 
 N, HEADS, HEAD_DIM, SLOTS, DIM = 32 * 512, 8, 64, 6, 512
@@ -25,13 +26,6 @@ DECAY, BASE = 0.9, 2.0
 
 def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def copy_bandwidth_gbs() -> float:
-    x = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200)
-    return 2 * x.numel() * 4 / ms / 1e6
 
 
 def main(out: str) -> None:
@@ -43,7 +37,8 @@ def main(out: str) -> None:
     w_k, w_v = (torch.randn(HEADS, HEAD_DIM, DIM, **bf16) / math.sqrt(DIM) for _ in range(2))
     args = (q, slots, cum, w_k, w_v, DECAY, BASE)
     exact = fr.absorbed_read_reference(*(x.double() if torch.is_tensor(x) else x for x in args))
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    device = torch.device("cuda")
+    report = {**environment(device, torch.bfloat16),
               "shape": dict(tokens=N, heads=HEADS, head_dim=HEAD_DIM, slots=SLOTS, dim=DIM)}
     for name, read in (("absorbed", fr.absorbed_read_reference), ("fused", fr.fused_read)):
         got = read(*args)
@@ -54,14 +49,14 @@ def main(out: str) -> None:
     q_slot = torch.einsum("nhe,hed->nhd", q, w_k)
     raw, new_cum, mixed = torch.empty_like(cum), torch.empty_like(cum), torch.empty_like(q_slot)
     moved = sum(x.numel() * x.element_size() for x in (q_slot, slots, cum, raw, new_cum, mixed))
-    report["copy_gbs"] = copy_bandwidth_gbs()
+    report["copy_gbs"] = measure_ceilings(device, torch.bfloat16)["copy_gbps"]
     report["kernel"] = []
     for block_d in (64, 128, 256, 512):
         for warps in (1, 2, 4):
             def launch(block_d=block_d, warps=warps):
                 fr._token_read_kernel[(N,)](
-                    q_slot, slots, cum, raw, new_cum, mixed, DECAY=DECAY, SCALE=1 / math.sqrt(HEAD_DIM),
-                    INV_LN_BASE=1 / math.log(BASE), HEADS=HEADS, HEADS_P2=HEADS, SLOTS=SLOTS, SLOTS_P2=8,
+                    q_slot, slots, cum, raw, new_cum, mixed, q_slot.stride(0), q_slot.stride(1),
+                    DECAY=DECAY, SCALE=1 / math.sqrt(HEAD_DIM), INV_LN_BASE=1 / math.log(BASE), HEADS=HEADS, HEADS_P2=HEADS, SLOTS=SLOTS, SLOTS_P2=8,
                     DIM=DIM, BLOCK_D=block_d, num_warps=warps)
             ms = do_bench(launch, warmup=50, rep=300)
             row = dict(block_d=block_d, warps=warps, ms=ms, gbs=moved / ms / 1e6)

@@ -71,14 +71,18 @@ def fused_read(
     autocast would for the products."""
     n, heads, head_dim = q.shape
     n_slots, dim = slots.shape[1:]
-    q_slot = torch.einsum("nhe,hed->nhd", q, w_k.to(q.dtype)).contiguous()
+    # q_slot comes out of the per-head products head-major; the kernel reads it (and writes
+    # mixed, for the next per-head product) in that layout rather than copying it token-major
+    q_slot = torch.einsum("nhe,hed->nhd", q, w_k.to(q.dtype))
+    if q_slot.stride(-1) != 1:
+        q_slot = q_slot.contiguous()
     slots, cum = slots.contiguous(), cum.contiguous()
     raw = torch.empty_like(cum)
     new_cum = torch.empty_like(cum)
-    mixed = torch.empty_like(q_slot)
+    mixed = torch.empty_like(q_slot)  # the same strides as q_slot
     if n:  # no tokens (an emptied working set): no launch, as a grid of zero programs is an error
         _token_read_kernel[(n,)](
-            q_slot, slots, cum, raw, new_cum, mixed,
+            q_slot, slots, cum, raw, new_cum, mixed, q_slot.stride(0), q_slot.stride(1),
             DECAY=decay, SCALE=1.0 / math.sqrt(head_dim), INV_LN_BASE=1.0 / math.log(base),
             HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), SLOTS=n_slots,
             SLOTS_P2=triton.next_power_of_2(n_slots), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
@@ -93,6 +97,7 @@ if triton is not None:
     @triton.jit
     def _token_read_kernel(
         q_slot_ptr, slots_ptr, cum_ptr, raw_ptr, new_cum_ptr, mixed_ptr,
+        token_stride, head_stride,  # of q_slot and mixed (N, H, d), whose d is contiguous
         DECAY: tl.constexpr, SCALE: tl.constexpr, INV_LN_BASE: tl.constexpr,  # constants of the config (a
         # float argument would arrive as fp64 under torch.compile and pull the epilogue into fp64)
         HEADS: tl.constexpr, HEADS_P2: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr,
@@ -104,7 +109,7 @@ if triton is not None:
         dd = tl.arange(0, BLOCK_D)
         h_ok = h < HEADS
         s_ok = s < SLOTS
-        q_rows = (token * HEADS + h) * DIM  # q_slot and mixed: (N, H, d)
+        q_rows = token * token_stride + h.to(tl.int64) * head_stride  # q_slot and mixed: (N, H, d)
         slot_rows = (token * SLOTS + s) * DIM  # slots: (N, S, d)
         scores = tl.zeros((HEADS_P2, SLOTS_P2), dtype=tl.float32)
         for d0 in range(0, DIM, BLOCK_D):
