@@ -345,37 +345,80 @@ def test_fused_read_falls_back_to_the_absorbed_read_where_it_cannot_run():
 
 
 @cuda_only
+def test_fused_read_kernel_on_cuda_in_bf16():
+    """The compiled kernel on random bf16 inputs at the benchmark's shape (8 heads of 64, 6 slots,
+    d 512), against the reference in fp32: raw, cum and the read within 1e-2."""
+    torch.manual_seed(0)
+    n, heads, head_dim, n_slots, dim = 1000, 8, 64, 6, 512
+    q = torch.randn(n, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randn(n, n_slots, dim, device="cuda", dtype=torch.bfloat16)
+    cum = torch.rand(n, heads, n_slots, device="cuda") + 0.5
+    w_k, w_v = (0.05 * torch.randn(heads, head_dim, dim, device="cuda") for _ in range(2))
+    fused = fused_read.fused_read(q, slots, cum, w_k, w_v, 0.9, 2.0)
+    exact = fused_read.absorbed_read_reference(q.float(), slots.float(), cum, w_k, w_v, 0.9, 2.0)
+    errors = [relative_error(a, b) for a, b in zip(fused, exact)]
+    assert max(errors) < 1e-2, errors
+
+
+def kernel_launches(run) -> tuple[int, object]:
+    """How many times the fused read's kernel ran on the GPU during ``run()`` (the profiler sees
+    kernels inside CUDA graph replays too), and ``run()``'s result."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = run()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if "_token_read_kernel" in e.key), result
+
+
+@cuda_only
 @pytest.mark.parametrize("d_model, heads", [(64, 4), (48, 3)])  # 6 slots; d 48 and 3 heads padded
-@pytest.mark.parametrize("loop, compile_step, cuda_graph", [
-    ("reference", False, False), ("reference", True, True), ("compact", True, False), ("compact", True, True),
-])
-def test_fused_read_on_cuda_in_bf16(d_model, heads, loop, compile_step, cuda_graph, inductor, monkeypatch):
-    """The kernel compiled for the GPU, under autocast, also inside torch.compile (the compact
-    loop's working set with dynamic shapes) and CUDA graphs, is about as accurate as the absorbed
-    read in bf16: against the absorbed read in fp32, at most 1% fewer tokens settle at the same K
-    (halting compares raw logits, which the kernel keeps in fp32 and the absorbed read rounds to
-    bf16, so tokens at a threshold may flip either way), and the states of those tokens are
-    within 1%."""
-    torch._dynamo.reset()  # the patched read below is a new function to guard on
+@pytest.mark.parametrize("compile_step, cuda_graph", [(False, False), (True, True)])
+def test_fused_read_on_cuda_in_bf16(d_model, heads, compile_step, cuda_graph, inductor):
+    """The kernel inside the settling loop under autocast, eager and inside torch.compile and CUDA
+    graphs, is about as accurate as the absorbed read in bf16: against the absorbed read in fp32,
+    the settled states' error is at most 1.5 times the bf16 absorbed read's. (After 12 iterations
+    of an untrained model both are near 1e-2: bf16 rounding compounds through the loop.) Halting
+    is off: which tokens settle at which K in bf16 depends on rounding at the threshold, which
+    the next test checks in fp32."""
+    torch._dynamo.reset()
     ids = tokens(batch=8, length=64).cuda()
-    launches = []
-    kernel_read = fused_read.fused_read
-    monkeypatch.setattr(fused_read, "fused_read", lambda *args: launches.append(1) or kernel_read(*args))
 
     def settled(read, bf16, **knobs):
         model = tiny_model(d_model=d_model, n_heads=heads, read=read).eval().cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            return settle_with(model, ids, loop, halting=loop == "compact", **knobs)
+            return settle_with(model, ids, "reference", halting=False, **knobs)
 
     exact = settled("absorbed", bf16=False)
-    fused = settled("fused", bf16=True, compile_step=compile_step, cuda_graph=cuda_graph)
+    launches, fused = kernel_launches(lambda: settled("fused", True, compile_step=compile_step, cuda_graph=cuda_graph))
     absorbed = settled("absorbed", bf16=True, compile_step=compile_step)
-    assert launches  # the fused run took the kernel, not the PyTorch fallback
-    agree = {name: (r.k_used == exact.k_used).float().mean().item() for name, r in (("fused", fused),
-                                                                                    ("absorbed", absorbed))}
-    assert agree["fused"] >= min(agree["absorbed"] - 0.01, 0.98), agree
-    same_k = fused.k_used == exact.k_used
-    assert relative_error(fused.h[same_k], exact.h[same_k]) < 1e-2
+    assert launches >= 11  # the no-grad iterations took the kernel, not the PyTorch fallback
+    error = {name: relative_error(r.h, exact.h) for name, r in (("fused", fused), ("absorbed", absorbed))}
+    assert error["fused"] <= 1.5 * error["absorbed"], error
+
+
+@cuda_only
+@pytest.mark.parametrize("d_model, heads", [(64, 4), (48, 3)])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_fused_read_in_the_compiled_compact_loop_on_cuda(d_model, heads, cuda_graph, inductor):
+    """Halting on, the compact loop compiled with dynamic shapes (and captured per working-set
+    size): in fp32 the kernel's read equals the absorbed read's to rounding, so the same tokens
+    settle at the same K with the same states. Checks the kernel inside inductor's graphs,
+    where the layouts of its inputs are inductor's choice."""
+    torch._dynamo.reset()
+    ids = tokens(batch=8, length=64).cuda()
+
+    def settled(read, **knobs):
+        model = tiny_model(d_model=d_model, n_heads=heads, read=read).eval().cuda()
+        return settle_with(model, ids, "compact", compile_step=True, **knobs)
+
+    launches, fused = kernel_launches(lambda: settled("fused", cuda_graph=cuda_graph))
+    absorbed = settled("absorbed")
+    assert launches > 0
+    assert len(absorbed.k_used.unique()) > 2  # halting at several K
+    assert (fused.k_used == absorbed.k_used).float().mean().item() >= 0.99
+    same_k = fused.k_used == absorbed.k_used
+    assert relative_error(fused.h[same_k], absorbed.h[same_k]) < 1e-4
 
 
 # ---------------------------------------------------------------- compiled workspace step
