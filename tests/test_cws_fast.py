@@ -437,6 +437,23 @@ def inductor():
         pytest.skip("torch.compile (inductor) compiled a trivial function to a wrong result")
 
 
+def test_compiled_training_forward_is_one_graph():
+    """torch.compile of the whole model, halting off in training (the default), traces the
+    settling loop, no-grad iterations and halting monitor included, into one graph (a break at
+    every iteration left the step host-bound: BENCHMARKS.md), with the eager model's loss.
+    Dynamo only (backend "eager"): graph breaks are decided before any backend compiles.
+    (Halting in training breaks the graph where it reads on the host whether all tokens
+    halted, to stop early.)"""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(k_max=4, live_steps=1, halting=False).train()
+    ids = tokens()
+    loss = torch.compile(model, backend="eager")(ids, targets=ids).loss
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(loss, model(ids, targets=ids).loss)
+
+
 def test_compiled_step_equals_eager_step(inductor):
     """The fixed-K no-grad iterations through torch.compile: same states and traces."""
     torch._dynamo.reset()

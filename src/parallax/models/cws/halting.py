@@ -101,11 +101,14 @@ class HaltMonitor:
         """A copy of ``active`` (rows None) or of the (1, N) rows of the tokens ``rows``."""
         return self.active.clone() if rows is None else self.flat_active[rows].unsqueeze(0)
 
-    @torch.no_grad()
     def observe(self, k: int | Tensor, raw: Tensor, rows: Tensor | None = None) -> None:
         """Record iteration k (1-based; an int, or a 0-dim integer tensor on the device) of the
         tokens ``rows`` (flat indices; None = all) whose raw logits are raw (..., H, S) with one
-        entry per token in ``rows``; update ``active``. Reads nothing back to the host."""
+        entry per token in ``rows``; update ``active``. Reads nothing back to the host.
+
+        raw is detached, so nothing here records autograd. (Not a ``torch.no_grad`` method:
+        torch.compile cannot trace one of a monitor made inside the compiled forward, and broke
+        the forward's graph at every iteration.)"""
         raw = raw.detach().reshape(-1, raw.shape[-2] * raw.shape[-1]).float()
         running = _rows(self.flat_active, rows)
         _write(self._k_used, rows, torch.where(running, k, _rows(self._k_used, rows)))
