@@ -59,6 +59,18 @@ def test_saved_bytes_do_not_grow_with_k(halt_in_training):
     assert saved[4] == saved[32] > 0
 
 
+def test_saved_bytes_do_not_grow_with_k_when_compiled():
+    """torch.compile traces the whole settling loop into one graph (AOTAutograd then decides
+    what the backward keeps): still nothing of the no-grad iterations is saved."""
+    ids = tokens()
+    saved = {}
+    for k in (4, 12):
+        torch._dynamo.reset()
+        forward = torch.compile(tiny_model(halting=False, k_max=k).train(), backend="aot_eager")
+        saved[k] = saved_tensor_bytes(lambda: forward(ids, targets=ids).loss)
+    assert saved[4] == saved[12] > 0
+
+
 def test_saved_bytes_grow_by_one_iteration_per_live_step():
     model = tiny_model(halting=False).train()
     ids = tokens()
