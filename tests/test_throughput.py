@@ -66,10 +66,11 @@ def test_cli_writes_a_row_per_model(tmp_path, capsys):
     for row in report["rows"]:
         assert "error" not in row
         assert row["train_tokens_per_s"] > 0 and 0 < row["fraction_of_ceiling"]
+        assert 0 < row["first_step_s"] < row["seconds"]
         assert [g["batch"] for g in row["inference"]] == [1, 2]
         assert all(g["tokens_per_s"] > 0 for g in row["inference"])
     table = capsys.readouterr().out
-    assert all(name in table for name in DEFAULT_MODELS)
+    assert all(name in table for name in DEFAULT_MODELS) and "1st step s" in table
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -47,7 +47,8 @@ def add_arguments(parser) -> None:
     tp.add_argument("--seq", type=int, default=d.seq, help="training sequence length (and context)")
     tp.add_argument("--batch", type=int, default=d.batch, help="training batch size")
     tp.add_argument("--vocab", type=int, default=d.vocab, help="vocabulary size of the random tokens")
-    tp.add_argument("--warmup", type=int, default=d.warmup, help="untimed training steps first")
+    tp.add_argument("--warmup", type=int, default=d.warmup,
+                    help="untimed training steps after the first (timed alone: it compiles)")
     tp.add_argument("--steps", type=int, default=d.steps, help="timed training steps (median reported)")
     tp.add_argument("--gen-batches", type=int, nargs="+", default=list(d.gen_batches), help="inference batch sizes")
     tp.add_argument("--prompt", type=int, default=d.prompt, help="prompt tokens before generation")
