@@ -106,34 +106,34 @@ class HaltMonitor:
         tokens ``rows`` (flat indices; None = all) whose raw logits are raw (..., H, S) with one
         entry per token in ``rows``; update ``active``. Reads nothing back to the host.
 
-        raw is detached, so nothing here records autograd. (Not a ``torch.no_grad`` method:
-        torch.compile cannot trace one of a monitor made inside the compiled forward, and broke
-        the forward's graph at every iteration.)"""
-        raw = raw.detach().reshape(-1, raw.shape[-2] * raw.shape[-1]).float()
-        running = _rows(self.flat_active, rows)
-        _write(self._k_used, rows, torch.where(running, k, _rows(self._k_used, rows)))
-        compared = k > 1  # at k = 1 there is nothing to compare with: no delta, no halt
-        prev_raw = _rows(self._prev_raw, rows)
-        change = (raw - prev_raw).norm(dim=-1)
-        scale = torch.maximum(raw.norm(dim=-1), prev_raw.norm(dim=-1)).clamp_min(1e-6)
-        delta = change / scale
-        row = (k - 1).view(1) if isinstance(k, Tensor) else torch.full((1,), k - 1, device=raw.device)
-        trace = self._trace.index_select(0, row)[0]
-        trace = _rows_replaced(trace, rows, torch.where(running & compared, delta, _rows(trace, rows)))
-        self._trace.index_copy_(0, row, trace.unsqueeze(0))
-        if self.rule == "first":
-            settled = delta < self.tol
-        else:
-            prev_delta = _rows(self._prev_delta, rows)
-            quiet = ((delta - prev_delta).abs() < self.tol) & (k > 2)
-            count = _rows(self._quiet, rows)
-            count = torch.where(running, torch.where(quiet, count + 1, 0), count)
-            _write(self._quiet, rows, count)
-            settled = count >= HALT_CONFIRMATIONS
-            _write(self._prev_delta, rows, torch.where(running, delta, prev_delta))
-        _write(self._prev_raw, rows, torch.where(running[:, None], raw, prev_raw))
-        if self.enabled:
-            _write(self.flat_active, rows, running & ~(settled & compared & (k >= self.k_min)))
+        No autograd inside (a ``with`` block: torch.compile cannot trace a ``torch.no_grad``
+        method of a monitor made in the compiled forward, and broke the graph at each call)."""
+        with torch.no_grad():
+            raw = raw.detach().reshape(-1, raw.shape[-2] * raw.shape[-1]).float()
+            running = _rows(self.flat_active, rows)
+            _write(self._k_used, rows, torch.where(running, k, _rows(self._k_used, rows)))
+            compared = k > 1  # at k = 1 there is nothing to compare with: no delta, no halt
+            prev_raw = _rows(self._prev_raw, rows)
+            change = (raw - prev_raw).norm(dim=-1)
+            scale = torch.maximum(raw.norm(dim=-1), prev_raw.norm(dim=-1)).clamp_min(1e-6)
+            delta = change / scale
+            row = (k - 1).view(1) if isinstance(k, Tensor) else torch.full((1,), k - 1, device=raw.device)
+            trace = self._trace.index_select(0, row)[0]
+            trace = _rows_replaced(trace, rows, torch.where(running & compared, delta, _rows(trace, rows)))
+            self._trace.index_copy_(0, row, trace.unsqueeze(0))
+            if self.rule == "first":
+                settled = delta < self.tol
+            else:
+                prev_delta = _rows(self._prev_delta, rows)
+                quiet = ((delta - prev_delta).abs() < self.tol) & (k > 2)
+                count = _rows(self._quiet, rows)
+                count = torch.where(running, torch.where(quiet, count + 1, 0), count)
+                _write(self._quiet, rows, count)
+                settled = count >= HALT_CONFIRMATIONS
+                _write(self._prev_delta, rows, torch.where(running, delta, prev_delta))
+            _write(self._prev_raw, rows, torch.where(running[:, None], raw, prev_raw))
+            if self.enabled:
+                _write(self.flat_active, rows, running & ~(settled & compared & (k >= self.k_min)))
 
     @property
     def all_halted(self) -> bool:
