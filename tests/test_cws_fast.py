@@ -392,7 +392,7 @@ def test_fused_read_on_cuda_in_bf16(d_model, heads, compile_step, cuda_graph, in
     exact = settled("absorbed", bf16=False)
     launches, fused = kernel_launches(lambda: settled("fused", True, compile_step=compile_step, cuda_graph=cuda_graph))
     absorbed = settled("absorbed", bf16=True, compile_step=compile_step)
-    assert launches >= 11  # the no-grad iterations took the kernel, not the PyTorch fallback
+    assert launches >= 12  # each of the 12 no-grad iterations took the kernel, not the PyTorch fallback
     error = {name: relative_error(r.h, exact.h) for name, r in (("fused", fused), ("absorbed", absorbed))}
     assert error["fused"] <= 1.5 * error["absorbed"], error
 
@@ -400,11 +400,12 @@ def test_fused_read_on_cuda_in_bf16(d_model, heads, compile_step, cuda_graph, in
 @cuda_only
 @pytest.mark.parametrize("d_model, heads", [(64, 4), (48, 3)])
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_fused_read_in_the_compiled_compact_loop_on_cuda(d_model, heads, cuda_graph, inductor):
+def test_fused_read_in_the_compiled_compact_loop_on_cuda(d_model, heads, cuda_graph, inductor, selects):
     """Halting on, the compact loop compiled with dynamic shapes (and captured per working-set
     size): in fp32 the kernel's read equals the absorbed read's to rounding, so the same tokens
     settle at the same K with the same states. Checks the kernel inside inductor's graphs,
-    where the layouts of its inputs are inductor's choice."""
+    where the layouts of its inputs are inductor's choice: without CUDA graphs, the loop shrinks
+    its set and the kernel runs once per iteration, those on the working set included."""
     torch._dynamo.reset()
     ids = tokens(batch=8, length=64).cuda()
 
@@ -414,8 +415,11 @@ def test_fused_read_in_the_compiled_compact_loop_on_cuda(d_model, heads, cuda_gr
 
     launches, fused = kernel_launches(lambda: settled("fused", cuda_graph=cuda_graph))
     absorbed = settled("absorbed")
-    assert launches > 0
     assert len(absorbed.k_used.unique()) > 2  # halting at several K
+    if cuda_graph:
+        assert launches > 0
+    else:
+        assert selects and launches >= absorbed.k_used.max().item()
     assert (fused.k_used == absorbed.k_used).float().mean().item() >= 0.99
     same_k = fused.k_used == absorbed.k_used
     assert relative_error(fused.h[same_k], absorbed.h[same_k]) < 1e-4
