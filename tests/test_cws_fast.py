@@ -277,7 +277,7 @@ for n, heads, head_dim, slots, dim, dtype in [
     fused = fused_read.fused_read(q, pool, cum, w_k, w_v, 0.9, 2.0)
     ref = fused_read.absorbed_read_reference(q.float(), pool.float(), cum.float(), w_k, w_v, 0.9, 2.0)
     out["kernel"].append({"dtype": str(dtype), "errors": [rel(a, b) for a, b in zip(fused, ref)],
-                          "dtypes_kept": [x.dtype for x in fused] == [cum.dtype, cum.dtype, q.dtype]})
+                          "dtypes_kept": [x.dtype for x in fused] == [q.dtype, cum.dtype, q.dtype]})
 out["empty"] = [list(x.shape) for x in fused_read.fused_read(q[:0], pool[:0], cum[:0], w_k, w_v, 0.9, 2.0)]
 
 def model(read, **knobs):

@@ -67,8 +67,11 @@ def fused_read(
     q: Tensor, slots: Tensor, cum: Tensor, w_k: Tensor, w_v: Tensor, decay: float, base: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``absorbed_read_reference`` as two weight products and one kernel launch between them.
-    raw and cum' come out in cum's dtype, read in q's; the weights are cast to q's dtype, as
-    autocast would for the products."""
+    cum' comes out in cum's dtype, raw and read in q's, and the weights are cast to q's dtype,
+    as the absorbed read's products give and take them under autocast. (raw is computed in fp32
+    and rounded like the absorbed read's because the halting monitor compares it against a
+    tolerance: kept in fp32, bf16 runs settled 1-2% fewer tokens at the fp32 run's K than the
+    absorbed read's did; BENCHMARKS.md.)"""
     n, heads, head_dim = q.shape
     n_slots, dim = slots.shape[1:]
     # q_slot comes out of the per-head products head-major; the kernel reads it (and writes
@@ -77,7 +80,7 @@ def fused_read(
     if q_slot.stride(-1) != 1:
         q_slot = q_slot.contiguous()
     slots, cum = slots.contiguous(), cum.contiguous()
-    raw = torch.empty_like(cum)
+    raw = torch.empty_like(cum, dtype=q.dtype)
     new_cum = torch.empty_like(cum)
     mixed = torch.empty_like(q_slot)  # the same strides as q_slot
     if n:  # no tokens (an emptied working set): no launch, as a grid of zero programs is an error
