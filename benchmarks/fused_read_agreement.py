@@ -2,19 +2,27 @@
 
 A small CWS (d 64, 4 heads, 6 slots, k_max 12, untrained) settles 8 x 64 random tokens with
 halting on in the compact loop, once in fp32 with the absorbed read (the reference) and in bf16
-autocast with each read; per input: the share of tokens at the reference's K, the mean K
-difference, and the states' error on the tokens that agree. ``fused_raw_bf16`` is the fused
-read with its raw logits rounded to bf16 before the halting monitor sees them, as the absorbed
-read's are. On CUDA the loop also runs compiled (``compile_step``); on CPU, set
-``TRITON_INTERPRET=1`` so the kernel runs at all (Triton's interpreter, eager only).
+autocast with each read below; per input: the share of tokens at the reference's K, the mean K
+difference, and the states' error on the tokens that agree.
+
+* ``fused``: the Triton kernel (on CUDA; on CPU only with ``TRITON_INTERPRET=1``, whose bf16
+  conversion truncates instead of rounding, so its bf16 numbers there are off);
+* ``emulated``: the kernel's arithmetic in PyTorch (fp32 inside, rounded where the kernel
+  stores), which runs anywhere and reproduced the kernel's eager numbers on an H200;
+* ``emulated_raw_fp32``: the same with raw kept in fp32, as the kernel returned it before;
+* ``absorbed``: the PyTorch absorbed read.
+
+On CUDA each also runs compiled (``compile_step``).
 
     python benchmarks/fused_read_agreement.py out.json [inputs]
 """
 
 import json
+import math
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from parallax.bench.throughput import environment
 from parallax.models import build_model
@@ -28,6 +36,22 @@ MODEL = dict(vocab_size=VOCAB, d_model=64, n_heads=4, decoder_heads=2, probe_hea
 HALTING = dict(k_max=12, k_min=1, halting=True, rule="first", tol=0.3, live_steps=0, loop="compact")
 
 
+def emulated_read(raw_fp32: bool):
+    """``fused_read.fused_read`` in PyTorch with the kernel's precision."""
+
+    def read(q, slots, cum, w_k, w_v, decay, base):
+        q_slot = torch.einsum("nhe,hed->nhd", q, w_k.to(q.dtype))
+        with torch.autocast(q.device.type, enabled=False):
+            raw = torch.einsum("nhd,nsd->nhs", q_slot.float(), slots.float()) / math.sqrt(q.shape[-1])
+            new_cum = decay * cum.float() + (1.0 - decay) + raw
+            weights = (torch.log(1.0 + F.silu(new_cum)) / math.log(base)).to(q_slot.dtype).float()
+            mixed = torch.einsum("nhs,nsd->nhd", weights, slots.float()).to(q_slot.dtype)
+        read = torch.einsum("nhd,hed->nhe", mixed, w_v.to(q.dtype))
+        return raw.to(cum.dtype if raw_fp32 else q.dtype), new_cum.to(cum.dtype), read
+
+    return read
+
+
 def settled(read: str, ids: torch.Tensor, bf16: bool, compile_step: bool):
     torch.manual_seed(0)
     model = build_model(CWSConfig(**MODEL, read=read)).eval().to(ids.device)
@@ -36,34 +60,28 @@ def settled(read: str, ids: torch.Tensor, bf16: bool, compile_step: bool):
         return settle(model.workspace, model.pool, context, compile_step=compile_step, **HALTING)
 
 
-def raw_rounded_to_bf16(kernel_read):
-    def read(*args):
-        raw, cum, mixed = kernel_read(*args)
-        return raw.to(torch.bfloat16).float(), cum, mixed
-
-    return read
-
-
 def main(out: str, inputs: int = 4) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not fused_read.usable(torch.empty(0, device=device)):
-        raise SystemExit("the fused read cannot run here: needs CUDA and triton, or TRITON_INTERPRET=1 on CPU")
-    kernel_read = fused_read.fused_read
+    kernel_read, usable = fused_read.fused_read, fused_read.usable
+    variants = {"emulated": emulated_read(raw_fp32=False), "emulated_raw_fp32": emulated_read(raw_fp32=True),
+                "absorbed": None}
+    if usable(torch.empty(0, device=device)):
+        variants = {"fused": kernel_read, **variants}
     report = {**environment(device, torch.bfloat16), "model": MODEL, "halting": HALTING, "rows": []}
     for seed in range(inputs):
         ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(seed)).to(device)
         exact = settled("absorbed", ids, bf16=False, compile_step=False)
         for compile_step in (False, True) if device.type == "cuda" else (False,):
             row = {"input": seed, "compile_step": compile_step}
-            for name, read in (("fused", "fused"), ("absorbed", "absorbed"), ("fused_raw_bf16", "fused")):
+            for name, read in variants.items():
                 torch._dynamo.reset()
-                fused_read.fused_read = raw_rounded_to_bf16(kernel_read) if name == "fused_raw_bf16" else kernel_read
-                result = settled(read, ids, bf16=True, compile_step=compile_step)
+                fused_read.fused_read, fused_read.usable = read or kernel_read, (lambda x: True) if read else usable
+                result = settled("absorbed" if read is None else "fused", ids, bf16=True, compile_step=compile_step)
                 same = result.k_used == exact.k_used
                 error = (result.h[same].float() - exact.h[same]).norm() / exact.h[same].norm()
                 row[name] = {"same_k": same.float().mean().item(), "error": error.item(),
                              "mean_k_difference": (result.k_used - exact.k_used).float().mean().item()}
-            fused_read.fused_read = kernel_read
+            fused_read.fused_read, fused_read.usable = kernel_read, usable
             print(json.dumps(row), flush=True)
             report["rows"].append(row)
             with open(out, "w") as f:
