@@ -12,7 +12,9 @@ difference, and the states' error on the tokens that agree.
 * ``emulated_raw_fp32``: the same with raw kept in fp32, as the kernel returned it before;
 * ``absorbed``: the PyTorch absorbed read.
 
-On CUDA each also runs compiled (``compile_step``).
+On CUDA each also runs compiled (``compile_step``); the emulations then with inductor's
+``emulate_precision_casts``, without which inductor computes a fused chain of pointwise ops in
+fp32 and drops the bf16 roundings the kernel makes when it stores.
 
     python benchmarks/fused_read_agreement.py out.json [inputs]
 """
@@ -22,6 +24,7 @@ import math
 import sys
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 from parallax.bench.throughput import environment
@@ -76,6 +79,7 @@ def main(out: str, inputs: int = 4) -> None:
             for name, read in variants.items():
                 torch._dynamo.reset()
                 fused_read.fused_read, fused_read.usable = read or kernel_read, (lambda x: True) if read else usable
+                torch._inductor.config.emulate_precision_casts = name.startswith("emulated")
                 result = settled("absorbed" if read is None else "fused", ids, bf16=True, compile_step=compile_step)
                 same = result.k_used == exact.k_used
                 error = (result.h[same].float() - exact.h[same]).norm() / exact.h[same].norm()
