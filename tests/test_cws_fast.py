@@ -379,8 +379,7 @@ def test_fused_read_on_cuda_in_bf16(d_model, heads, compile_step, cuda_graph, in
     graphs, is about as accurate as the absorbed read in bf16: against the absorbed read in fp32,
     the settled states' error is at most 1.5 times the bf16 absorbed read's. (After 12 iterations
     of an untrained model both are near 1e-2: bf16 rounding compounds through the loop.) Halting
-    is off: which tokens settle at which K in bf16 depends on rounding at the threshold, which
-    the next test checks in fp32."""
+    is off here; the next tests halt, in bf16 against the absorbed read and in fp32."""
     torch._dynamo.reset()
     ids = tokens(batch=8, length=64).cuda()
 
