@@ -69,9 +69,9 @@ def fused_read(
     """``absorbed_read_reference`` as two weight products and one kernel launch between them.
     cum' comes out in cum's dtype, raw and read in q's, and the weights are cast to q's dtype,
     as the absorbed read's products give and take them under autocast. (raw is computed in fp32
-    and rounded like the absorbed read's because the halting monitor compares it against a
-    tolerance: kept in fp32, bf16 runs settled 1-2% fewer tokens at the fp32 run's K than the
-    absorbed read's did; BENCHMARKS.md.)"""
+    and rounded to q's dtype, once, after scaling, because the halting monitor compares it
+    against a tolerance: kept in fp32, bf16 runs settled 1-2% fewer tokens at the fp32 run's K
+    than the absorbed read's did; BENCHMARKS.md.)"""
     n, heads, head_dim = q.shape
     n_slots, dim = slots.shape[1:]
     # q_slot comes out of the per-head products head-major; the kernel reads it (and writes
