@@ -82,7 +82,7 @@ def fused_read(
     slots, cum = slots.contiguous(), cum.contiguous()
     raw = torch.empty_like(cum, dtype=q.dtype)
     new_cum = torch.empty_like(cum)
-    mixed = torch.empty_like(q_slot)  # the same strides as q_slot
+    mixed = torch.empty_strided(q_slot.shape, q_slot.stride(), dtype=q_slot.dtype, device=q_slot.device)
     if n:  # no tokens (an emptied working set): no launch, as a grid of zero programs is an error
         _token_read_kernel[(n,)](
             q_slot, slots, cum, raw, new_cum, mixed, q_slot.stride(0), q_slot.stride(1),
