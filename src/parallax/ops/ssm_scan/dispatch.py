@@ -2,18 +2,20 @@
 
 mamba-ssm's fused CUDA kernel (an optional extra: ``pip install parallax[mamba]``) is used
 when it imports, the inputs live on CUDA and the scan starts from a zero state (the kernel
-takes no initial state). Everything else runs the chunked PyTorch scan.
+takes no initial state). Otherwise, on CUDA with Triton installed (``parallax[gpu]``), the
+Triton scan; everywhere else the chunked PyTorch scan.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from parallax.ops.ssm_scan import triton_scan
 from parallax.ops.ssm_scan.chunked import selective_scan_chunked
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan
-except ImportError:  # the optional kernel is not installed: the PyTorch scan serves
+except ImportError:  # the optional kernel is not installed: the Triton or PyTorch scan serves
     _mamba_scan = None
 
 
@@ -27,7 +29,8 @@ def selective_scan(
     state: Tensor | None = None,
     chunk_size: int = 16,
 ) -> tuple[Tensor, Tensor]:
-    """Shapes as in ``naive.selective_scan_ref``; returns (y (B, T, D), final state (B, D, N))."""
+    """Shapes as in ``naive.selective_scan_ref``; returns (y (B, T, D), final state (B, D, N)).
+    ``chunk_size`` is the chunked scan's (the others choose their own)."""
     if _mamba_scan is not None and u.is_cuda and state is None:
         y, last = _mamba_scan(
             u.transpose(1, 2).contiguous(),
@@ -39,4 +42,6 @@ def selective_scan(
             return_last_state=True,
         )
         return y.transpose(1, 2), last
+    if triton_scan.usable(u):
+        return triton_scan.selective_scan_triton(u, delta, A, B, C, D, state)
     return selective_scan_chunked(u, delta, A, B, C, D, state, chunk_size)

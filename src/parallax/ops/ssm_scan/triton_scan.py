@@ -1,0 +1,295 @@
+"""The selective scan as two Triton kernels (forward and backward) that never hold (B, T, D, N).
+
+The chunked PyTorch scan materialises several (B, T, D, N) fp32 tensors (decays, drives,
+local and carried states): at the CWS benchmark's size (32 x 512 tokens, 512 channels, N 16)
+each is 512 MiB, and its forward and backward took about a sixth of a compiled training step
+on an H200 (BENCHMARKS.md). Here one program owns a batch row and a block of channels and
+walks the sequence, keeping its (BLOCK_D, N) state in registers; it reads u, delta, B and C
+and writes y, nothing per state element except one state per ``CHUNK`` tokens, saved for the
+backward pass. The backward walks the chunks in reverse: it recomputes a chunk's states from
+the saved one (into a small per-program scratch, read back in reverse) and carries dL/ds back
+through the recurrence::
+
+    s_t = a_t * s_{t-1} + delta_t u_t B_t,   a_t = exp(delta_t A),   y_t = C_t . s_t + D u_t
+
+Inputs are loaded a chunk at a time as (CHUNK, BLOCK_D) tiles, and each token's row is taken
+out of the tile in registers, so the loads are wide rather than one token at a time.
+Arithmetic is fp32 whatever the inputs' dtypes; y and the final state come out in the dtype
+the PyTorch scans give (u's promoted with A's). With ``TRITON_INTERPRET=1`` set before this
+module is imported, Triton runs the kernels on CPU (slowly; for tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the optional extra (pip install parallax[gpu]) is not installed
+    triton = None
+
+CHUNK = 16  # tokens per loaded tile and per saved state (a power of two)
+BLOCK_D = 32  # channels per program
+NUM_WARPS = 2
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def usable(u: Tensor) -> bool:
+    """Whether the kernels can run on ``u``'s device: Triton is installed, and the tensors are
+    on CUDA (or Triton interprets on CPU)."""
+    return triton is not None and (u.is_cuda or INTERPRETED)
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Shapes as in ``naive.selective_scan_ref``; differentiable in every input."""
+    if triton is None:
+        raise RuntimeError("the Triton scan needs triton: pip install parallax[gpu]")
+    inputs = (u, delta, A, B, C, D, state)
+    save_chunks = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    y, last, _ = scan_forward(*inputs, save_chunks)
+    return y, last
+
+
+if triton is not None:
+    # custom ops around the kernels (``torch.library.triton_op``), so that torch.compile sees
+    # the kernels and their autograd formula rather than breaking its graph at them
+
+    @torch.library.triton_op("parallax::selective_scan_forward", mutates_args=())
+    def scan_forward(
+        u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor | None,
+        save_chunks: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(y, final state, the state before every CHUNK tokens (B, chunks, D, N) if
+        ``save_chunks``, for the backward pass, else an empty tensor)."""
+        batch, length, channels = u.shape
+        n_state = A.shape[1]
+        out_dtype = torch.promote_types(u.dtype, A.dtype)
+        y = u.new_empty(batch, length, channels, dtype=out_dtype)
+        last = u.new_empty(batch, channels, n_state, dtype=out_dtype)
+        n_chunks = triton.cdiv(length, CHUNK)
+        chunk_states = u.new_empty(batch, n_chunks if save_chunks else 0, channels, n_state, dtype=torch.float32)
+        if length == 0:
+            last.copy_(state if state is not None else torch.zeros_like(last))
+            return y, last, chunk_states
+        _launchable(_scan_forward_kernel)[(batch, triton.cdiv(channels, BLOCK_D))](
+            *_contiguous(u, delta, A, B, C), _or(D, u), _or(state, u), y, last, chunk_states, length, channels,
+            HAS_SKIP=D is not None, HAS_START=state is not None, SAVE_CHUNKS=save_chunks,
+            N=n_state, N_P2=triton.next_power_of_2(n_state), CHUNK=CHUNK, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+        )
+        return y, last, chunk_states
+
+    @torch.library.triton_op("parallax::selective_scan_backward", mutates_args=())
+    def scan_backward(
+        u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, chunk_states: Tensor,
+        grad_y: Tensor, grad_last: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The gradients of u, delta, A, B, C, D and the initial state, all in fp32."""
+        batch, length, channels = u.shape
+        n_state = A.shape[1]
+        n_blocks, n_p2 = triton.cdiv(channels, BLOCK_D), triton.next_power_of_2(n_state)
+        f32 = dict(dtype=torch.float32)
+        grad_u, grad_delta = u.new_empty(batch, length, channels, **f32), u.new_empty(batch, length, channels, **f32)
+        grad_a = u.new_empty(batch, channels, n_state, **f32)  # per batch row, summed below
+        grad_b = u.new_empty(batch, n_blocks, length, n_state, **f32)  # per channel block, summed below
+        grad_c = u.new_empty(batch, n_blocks, length, n_state, **f32)
+        grad_skip = u.new_empty(batch, channels, **f32)
+        grad_start = u.new_empty(batch, channels, n_state, **f32)
+        if length == 0:
+            grad_start.copy_(grad_last if grad_last is not None else torch.zeros_like(grad_start))
+            return (grad_u, grad_delta, grad_a.zero_().sum(0), grad_b.sum(1), grad_c.sum(1),
+                    grad_skip.zero_().sum(0), grad_start)
+        scratch = u.new_empty(batch * n_blocks * CHUNK * BLOCK_D * n_p2, **f32)
+        _launchable(_scan_backward_kernel)[(batch, n_blocks)](
+            *_contiguous(u, delta, A, B, C), _or(D, u), chunk_states, grad_y.contiguous(), _or(grad_last, u), scratch,
+            grad_u, grad_delta, grad_a, grad_b, grad_c, grad_skip, grad_start, length, channels,
+            HAS_SKIP=D is not None, HAS_GRAD_LAST=grad_last is not None,
+            N=n_state, N_P2=n_p2, CHUNK=CHUNK, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+        )
+        return grad_u, grad_delta, grad_a.sum(0), grad_b.sum(1), grad_c.sum(1), grad_skip.sum(0), grad_start
+
+    def _setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, state, _ = inputs
+        ctx.save_for_backward(u, delta, A, B, C, D, output[2])
+        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, state)]
+
+    def _backward(ctx, grad_y, grad_last, _grad_chunk_states):
+        u, delta, A, B, C, D, chunk_states = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(u)
+        grads = scan_backward(u, delta, A, B, C, D, chunk_states, grad_y, grad_last)
+        return *(None if dtype is None or not needed else g.to(dtype)
+                 for g, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None
+
+    scan_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _or(x: Tensor | None, placeholder: Tensor) -> Tensor:
+    """A pointer argument, contiguous (the kernels index every tensor as contiguous; a gradient
+    can arrive expanded), or for an input the kernel is told (by a constexpr flag) not to read."""
+    return placeholder if x is None else x.contiguous()
+
+
+def _contiguous(*tensors: Tensor) -> list[Tensor]:
+    return [x.contiguous() for x in tensors]
+
+
+def _launchable(kernel):
+    """The kernel as torch.compile can trace it (``wrap_triton``), or, under Triton's CPU
+    interpreter, as it is (older torch releases refuse to wrap an interpreted kernel)."""
+    return kernel if INTERPRETED else torch.library.wrap_triton(kernel)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row(tile, rows, i):
+        """Row i of a (CHUNK, X) tile, in registers."""
+        return tl.sum(tl.where(rows[:, None] == i, tile, 0.0), axis=0)
+
+    @triton.jit
+    def _scan_forward_kernel(
+        u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, skip_ptr, start_ptr, y_ptr, last_ptr, chunk_states_ptr,
+        length, channels,
+        HAS_SKIP: tl.constexpr, HAS_START: tl.constexpr, SAVE_CHUNKS: tl.constexpr,
+        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, N_P2)
+        steps = tl.arange(0, CHUNK)
+        d_ok, n_ok = d < channels, n < N
+        dn_ok = d_ok[:, None] & n_ok[None, :]
+        A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
+        state_at = (row * channels + d[:, None]) * N + n[None, :]  # into (B, D, N)
+        if HAS_START:
+            s = tl.load(start_ptr + state_at, mask=dn_ok, other=0.0).to(tl.float32)
+        else:
+            s = tl.zeros((BLOCK_D, N_P2), dtype=tl.float32)
+        if HAS_SKIP:
+            skip = tl.load(skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        n_chunks = tl.cdiv(length, CHUNK)
+        for chunk in range(0, n_chunks):
+            t = chunk * CHUNK + steps
+            t_ok = t < length  # positions past the end load delta = 0: they leave the state as is
+            td, td_ok = (row * length + t[:, None]) * channels + d[None, :], t_ok[:, None] & d_ok[None, :]
+            tn, tn_ok = (row * length + t[:, None]) * N + n[None, :], t_ok[:, None] & n_ok[None, :]
+            u = tl.load(u_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
+            dl = tl.load(delta_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
+            c = tl.load(c_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
+            if SAVE_CHUNKS:
+                saved_at = ((row * n_chunks + chunk) * channels + d[:, None]) * N + n[None, :]
+                tl.store(chunk_states_ptr + saved_at, s, mask=dn_ok)
+            y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+            for i in tl.static_range(CHUNK):
+                dl_i = _row(dl, steps, i)
+                s = tl.exp(dl_i[:, None] * A) * s + (dl_i * _row(u, steps, i))[:, None] * _row(b, steps, i)[None, :]
+                y_i = tl.sum(s * _row(c, steps, i)[None, :], axis=1)
+                y = tl.where(steps[:, None] == i, y_i[None, :], y)
+            if HAS_SKIP:
+                y += skip[None, :] * u
+            tl.store(y_ptr + td, y.to(y_ptr.dtype.element_ty), mask=td_ok)
+        tl.store(last_ptr + state_at, s.to(last_ptr.dtype.element_ty), mask=dn_ok)
+
+    @triton.jit
+    def _scan_backward_kernel(
+        u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, skip_ptr, chunk_states_ptr, grad_y_ptr, grad_last_ptr,
+        scratch_ptr, grad_u_ptr, grad_delta_ptr, grad_a_ptr, grad_b_ptr, grad_c_ptr, grad_skip_ptr,
+        grad_start_ptr, length, channels,
+        HAS_SKIP: tl.constexpr, HAS_GRAD_LAST: tl.constexpr,
+        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        block = tl.program_id(1)
+        d = block * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, N_P2)
+        steps = tl.arange(0, CHUNK)
+        d_ok, n_ok = d < channels, n < N
+        dn_ok = d_ok[:, None] & n_ok[None, :]
+        A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
+        state_at = (row * channels + d[:, None]) * N + n[None, :]
+        if HAS_GRAD_LAST:
+            ds = tl.load(grad_last_ptr + state_at, mask=dn_ok, other=0.0).to(tl.float32)
+        else:
+            ds = tl.zeros((BLOCK_D, N_P2), dtype=tl.float32)  # dL/ds_t, carried back in time
+        if HAS_SKIP:
+            skip = tl.load(skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        grad_a = tl.zeros((BLOCK_D, N_P2), dtype=tl.float32)
+        grad_skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        # this program's scratch: the CHUNK states of the chunk at hand, (CHUNK, BLOCK_D, N_P2)
+        scratch = scratch_ptr + (row * tl.num_programs(1) + block) * (CHUNK * BLOCK_D * N_P2)
+        local = tl.arange(0, BLOCK_D)[:, None] * N_P2 + n[None, :]
+        n_chunks = tl.cdiv(length, CHUNK)
+        for back in range(0, n_chunks):
+            chunk = n_chunks - 1 - back
+            t = chunk * CHUNK + steps
+            t_ok = t < length
+            td, td_ok = (row * length + t[:, None]) * channels + d[None, :], t_ok[:, None] & d_ok[None, :]
+            tn, tn_ok = (row * length + t[:, None]) * N + n[None, :], t_ok[:, None] & n_ok[None, :]
+            u = tl.load(u_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
+            dl = tl.load(delta_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
+            gy = tl.load(grad_y_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
+            c = tl.load(c_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
+            saved_at = ((row * n_chunks + chunk) * channels + d[:, None]) * N + n[None, :]
+            start = tl.load(chunk_states_ptr + saved_at, mask=dn_ok, other=0.0)
+            s = start
+            for i in tl.static_range(CHUNK):  # the chunk's states again, from the saved one
+                dl_i = _row(dl, steps, i)
+                s = tl.exp(dl_i[:, None] * A) * s + (dl_i * _row(u, steps, i))[:, None] * _row(b, steps, i)[None, :]
+                tl.store(scratch + i * BLOCK_D * N_P2 + local, s)
+            tl.debug_barrier()
+            g_u = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+            g_dl = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+            g_b = tl.zeros((CHUNK, N_P2), dtype=tl.float32)
+            g_c = tl.zeros((CHUNK, N_P2), dtype=tl.float32)
+            for j in tl.static_range(CHUNK):
+                i = CHUNK - 1 - j
+                u_i, dl_i, gy_i = _row(u, steps, i), _row(dl, steps, i), _row(gy, steps, i)
+                b_i, c_i = _row(b, steps, i), _row(c, steps, i)
+                s_i = tl.load(scratch + i * BLOCK_D * N_P2 + local)
+                if i > 0:
+                    s_before = tl.load(scratch + (i - 1) * BLOCK_D * N_P2 + local)
+                else:
+                    s_before = start
+                ds += gy_i[:, None] * c_i[None, :]
+                g_c_i = tl.sum(gy_i[:, None] * s_i, axis=0)
+                g_u_i = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                if HAS_SKIP:
+                    grad_skip += gy_i * u_i
+                    g_u_i = gy_i * skip
+                ds_b = tl.sum(ds * b_i[None, :], axis=1)  # through the drive delta u B
+                g_u_i += dl_i * ds_b
+                g_b_i = tl.sum(ds * (dl_i * u_i)[:, None], axis=0)
+                decay = tl.exp(dl_i[:, None] * A)
+                d_log_decay = ds * s_before * decay  # through a = exp(delta A)
+                g_dl_i = u_i * ds_b + tl.sum(d_log_decay * A, axis=1)
+                grad_a += d_log_decay * dl_i[:, None]
+                ds = ds * decay
+                here = steps[:, None] == i
+                g_u = tl.where(here, g_u_i[None, :], g_u)
+                g_dl = tl.where(here, g_dl_i[None, :], g_dl)
+                g_b = tl.where(here, g_b_i[None, :], g_b)
+                g_c = tl.where(here, g_c_i[None, :], g_c)
+            tl.store(grad_u_ptr + td, g_u, mask=td_ok)
+            tl.store(grad_delta_ptr + td, g_dl, mask=td_ok)
+            part = ((row * tl.num_programs(1) + block) * length + t[:, None]) * N + n[None, :]  # (B, blocks, T, N)
+            tl.store(grad_b_ptr + part, g_b, mask=tn_ok)
+            tl.store(grad_c_ptr + part, g_c, mask=tn_ok)
+            tl.debug_barrier()  # the next chunk rewrites the scratch
+        tl.store(grad_a_ptr + state_at, grad_a, mask=dn_ok)
+        tl.store(grad_skip_ptr + row * channels + d, grad_skip, mask=d_ok)
+        tl.store(grad_start_ptr + state_at, ds, mask=dn_ok)
