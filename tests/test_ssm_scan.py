@@ -88,11 +88,12 @@ for length, channels, n_state, with_state, with_skip, dtype in [
     inputs[5] = inputs[5] if with_skip else None
     inputs[6] = inputs[6] if with_state else None
     exact = [None if x is None else x.clone().requires_grad_() for x in inputs]
-    fast = [None if x is None else x.to(dtype if i != 2 else torch.float32).requires_grad_() for i, x in enumerate(inputs)]
+    fast = [None if x is None else x.to(dtype if i != 2 else torch.float32).requires_grad_()  # A stays fp32
+            for i, x in enumerate(inputs)]
     y_ref, s_ref = selective_scan_ref(*exact)
     y, s = selective_scan_triton(*fast)
     g = torch.Generator().manual_seed(1)
-    weights = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(s.shape, generator=g, dtype=torch.float64)
+    weights = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in (y, s)]
     ((y_ref * weights[0]).sum() + (s_ref * weights[1]).sum()).backward()
     ((y.double() * weights[0]).sum() + (s.double() * weights[1]).sum()).backward()
     out.append({"dtype": str(dtype), "y": rel(y, y_ref), "state": rel(s, s_ref),

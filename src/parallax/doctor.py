@@ -188,7 +188,8 @@ def check_triton() -> Check:
 def check_mamba() -> Check:
     """mamba-ssm's selective-scan kernel through the CWS dispatch, against the PyTorch reference."""
     if importlib.util.find_spec("mamba_ssm") is None:
-        return Check("mamba kernel", "missing", "mamba-ssm not installed (the CWS uses the PyTorch scan)",
+        return Check("mamba kernel", "missing",
+                     "mamba-ssm not installed (the CWS uses the Triton scan on CUDA, else the PyTorch one)",
                      PACKAGES["mamba-ssm"])
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
