@@ -163,3 +163,19 @@ def test_triton_scan_on_cuda(compiled):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         for fast, ref in zip(run(scan, dtype), reference, strict=True):
             assert ((fast.float() - ref).norm() / ref.norm()).item() < tol, dtype
+
+
+def test_triton_scan_refuses_shapes_it_would_misread(monkeypatch):
+    """The kernels index every input at its exact shape, so a broadcastable one (which the
+    PyTorch scans accept) is refused before any launch, in one line naming it; fp64, which
+    they would compute in fp32, is left to the chunked scan."""
+    pytest.importorskip("triton")
+    from parallax.ops.ssm_scan import selective_scan_triton, triton_scan
+
+    u, delta, A, B, C, D, state = random_inputs()
+    with pytest.raises(ValueError, match=r"B has shape \(1, 23, 4\), expected \(2, 23, 4\)"):
+        selective_scan_triton(u, delta, A, B[:1], C, D, state)
+    with pytest.raises(ValueError, match=r"D has shape \(\), expected \(5,\)"):
+        selective_scan_triton(u, delta, A, B, C, D[0], state)
+    monkeypatch.setattr(triton_scan, "INTERPRETED", True)  # as if on a device the kernels run on
+    assert triton_scan.usable(u) and not triton_scan.usable(u.double())

@@ -8,15 +8,18 @@ walks the sequence, keeping its (BLOCK_D, N) state in registers; it reads u, del
 and writes y, nothing per state element except one state per ``CHUNK`` tokens, saved for the
 backward pass. The backward walks the chunks in reverse: it recomputes a chunk's states from
 the saved one (into a small per-program scratch, read back in reverse) and carries dL/ds back
-through the recurrence::
+through the recurrence (the gradients of B and C come out per block of channels, (B, T, N)
+per block, and are summed after)::
 
     s_t = a_t * s_{t-1} + delta_t u_t B_t,   a_t = exp(delta_t A),   y_t = C_t . s_t + D u_t
 
-Inputs are loaded a chunk at a time as (CHUNK, BLOCK_D) tiles, and each token's row is taken
-out of the tile in registers, so the loads are wide rather than one token at a time.
-Arithmetic is fp32 whatever the inputs' dtypes; y and the final state come out in the dtype
-the PyTorch scans give (u's promoted with A's). With ``TRITON_INTERPRET=1`` set before this
-module is imported, Triton runs the kernels on CPU (slowly; for tests).
+Inputs are loaded a chunk at a time as (CHUNK, BLOCK_D) tiles (B and C as (CHUNK, N)), and
+each token's row is taken out of the tile in registers, so the loads are wide rather than one
+token at a time. Arithmetic is fp32 whatever the inputs' dtypes (fp16, bf16 or fp32; fp64 goes
+to the chunked scan); y and the final state come out in ``promote_types(u.dtype, A.dtype)``,
+fp32 for the SSM expert under bf16 autocast, as its chunked scan gives them there. With
+``TRITON_INTERPRET=1`` set before this module is imported, Triton runs the kernels on CPU
+(slowly; for tests).
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def usable(u: Tensor) -> bool:
-    """Whether the kernels can run on ``u``'s device: Triton is installed, and the tensors are
-    on CUDA (or Triton interprets on CPU)."""
-    return triton is not None and (u.is_cuda or INTERPRETED)
+    """Whether the kernels can run on ``u``: Triton is installed, the tensors are on CUDA (or
+    Triton interprets on CPU), and in a precision the fp32 arithmetic keeps (not fp64)."""
+    return triton is not None and (u.is_cuda or INTERPRETED) and u.dtype in _PRECISIONS
+
+
+_PRECISIONS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def selective_scan_triton(
@@ -54,9 +60,11 @@ def selective_scan_triton(
     D: Tensor | None = None,
     state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Shapes as in ``naive.selective_scan_ref``; differentiable in every input."""
+    """Shapes as in ``naive.selective_scan_ref``, exactly (the kernels index every tensor as
+    that shape: no broadcasting); differentiable in every input."""
     if triton is None:
         raise RuntimeError("the Triton scan needs triton: pip install parallax[gpu]")
+    _check_shapes(u, delta, A, B, C, D, state)
     inputs = (u, delta, A, B, C, D, state)
     save_chunks = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     y, last, _ = scan_forward(*inputs, save_chunks)
@@ -127,13 +135,29 @@ if triton is not None:
 
     def _backward(ctx, grad_y, grad_last, _grad_chunk_states):
         u, delta, A, B, C, D, chunk_states = ctx.saved_tensors
-        if grad_y is None:
+        if chunk_states.shape[1] != triton.cdiv(u.shape[1], CHUNK):
+            raise RuntimeError("selective scan: backward through a forward run with save_chunks=False")
+        if grad_y is None:  # (autograd passes zeros for an unused output; a compiled graph may not)
             grad_y = torch.zeros_like(u)
         grads = scan_backward(u, delta, A, B, C, D, chunk_states, grad_y, grad_last)
         return *(None if dtype is None or not needed else g.to(dtype)
                  for g, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None
 
     scan_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_shapes(u, delta, A, B, C, D, state) -> None:
+    batch, length, channels = u.shape
+    n_state = A.shape[-1]
+    expected = {"delta": (batch, length, channels), "A": (channels, n_state), "B": (batch, length, n_state),
+                "C": (batch, length, n_state), "D": (channels,), "state": (batch, channels, n_state)}
+    given = {"delta": delta, "A": A, "B": B, "C": C, "D": D, "state": state}
+    for name, x in given.items():
+        if x is not None and tuple(x.shape) != expected[name]:
+            raise ValueError(f"selective scan: {name} has shape {tuple(x.shape)}, expected {expected[name]} "
+                             f"for u of shape {tuple(u.shape)} and A with {n_state} states")
+        if x is not None and x.device != u.device:
+            raise ValueError(f"selective scan: {name} is on {x.device}, u on {u.device}")
 
 
 def _or(x: Tensor | None, placeholder: Tensor) -> Tensor:
