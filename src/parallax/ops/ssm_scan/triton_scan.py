@@ -40,15 +40,13 @@ BLOCK_D = 32  # channels per program
 NUM_WARPS = 2
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_PRECISIONS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def usable(u: Tensor) -> bool:
     """Whether the kernels can run on ``u``: Triton is installed, the tensors are on CUDA (or
     Triton interprets on CPU), and in a precision the fp32 arithmetic keeps (not fp64)."""
     return triton is not None and (u.is_cuda or INTERPRETED) and u.dtype in _PRECISIONS
-
-
-_PRECISIONS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def selective_scan_triton(
@@ -147,6 +145,8 @@ if triton is not None:
 
 
 def _check_shapes(u, delta, A, B, C, D, state) -> None:
+    if u.dim() != 3 or A.dim() != 2:
+        raise ValueError(f"selective scan: u must be (B, T, D) and A (D, N), got {tuple(u.shape)} and {tuple(A.shape)}")
     batch, length, channels = u.shape
     n_state = A.shape[-1]
     expected = {"delta": (batch, length, channels), "A": (channels, n_state), "B": (batch, length, n_state),
