@@ -6,18 +6,20 @@ against an fp64 chunked scan (outputs and every input's gradient), then the time
 + backward and of the forward alone, for the Triton scan, the chunked scan eager and the
 chunked scan compiled, with each one's peak memory above its inputs.
 
-    python benchmarks/ssm_scan.py out.json       # CUDA only
+    python benchmarks/ssm_scan.py out.json           # CUDA only
+    python benchmarks/ssm_scan.py out.json --sweep   # and the Triton scan's launch shapes
 """
 
+import argparse
+import itertools
 import json
-import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 from parallax.bench.throughput import environment
-from parallax.ops.ssm_scan import selective_scan_chunked, selective_scan_triton
+from parallax.ops.ssm_scan import selective_scan_chunked, selective_scan_triton, triton_scan
 
 BATCH, LENGTH, CHANNELS, N_STATE = 32, 512, 512, 16
 
@@ -26,7 +28,7 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def main(out: str) -> None:
+def main(out: str, sweep: bool) -> None:
     torch.manual_seed(0)
     cuda = dict(device="cuda")
     u = torch.randn(BATCH, LENGTH, CHANNELS, **cuda)
@@ -71,7 +73,31 @@ def main(out: str) -> None:
     print(json.dumps({k: v for k, v in report.items() if k.startswith("triton_vs")}))
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
+    if sweep:
+        report["launch_shapes"] = launch_shapes(lambda: forward_backward(selective_scan_triton, low), low)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def launch_shapes(forward_backward, inputs) -> list[dict]:
+    """The Triton scan's time at each (tokens per saved state, channels per program, warps)."""
+    default = triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS
+    rows = []
+    for shape in itertools.product((8, 16), (8, 16, 32), (1, 2)):
+        triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = shape
+        row = dict(chunk=shape[0], block_d=shape[1], num_warps=shape[2])
+        with torch.no_grad():
+            row["forward_ms"] = do_bench(lambda: selective_scan_triton(*inputs), warmup=5, rep=100)
+        row["forward_backward_ms"] = do_bench(forward_backward, warmup=5, rep=100)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = default
+    return rows
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton scan's launch shapes")
+    args = parser.parse_args()
+    main(args.out, args.sweep)

@@ -78,8 +78,8 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 out = []
-# (length, channels, n_state, with state, with D, dtype): lengths off the 16-token chunk and
-# channels off the 32-channel block; N not a power of two; one token (a decoding step); fp16
+# (length, channels, n_state, with state, with D, dtype): lengths off the 8- and 16-token chunks,
+# channels off the 16- and 32-channel blocks; N not a power of two; one token (decoding); fp16
 for length, channels, n_state, with_state, with_skip, dtype in [
     (37, 40, 5, True, True, torch.float32), (16, 32, 4, False, False, torch.float32),
     (1, 8, 3, True, True, torch.float32), (21, 12, 4, False, True, torch.float16),

@@ -13,9 +13,10 @@ per block, and are summed after)::
 
     s_t = a_t * s_{t-1} + delta_t u_t B_t,   a_t = exp(delta_t A),   y_t = C_t . s_t + D u_t
 
-Inputs are loaded a chunk at a time as (CHUNK, BLOCK_D) tiles (B and C as (CHUNK, N)), and
-each token's row is taken out of the tile in registers, so the loads are wide rather than one
-token at a time. Arithmetic is fp32 whatever the inputs' dtypes (fp16, bf16 or fp32; fp64 goes
+Each token's inputs are loaded as they are needed, in a loop unrolled over the chunk so that
+the loads are issued ahead of the state update that waits on them. (An earlier form loaded a
+chunk as (CHUNK, BLOCK_D) tiles and took each token's row out in registers; the cross-thread
+reductions that took made it 2.2x slower forward + backward on an H200, BENCHMARKS.md.) Arithmetic is fp32 whatever the inputs' dtypes (fp16, bf16 or fp32; fp64 goes
 to the chunked scan); y and the final state come out in ``promote_types(u.dtype, A.dtype)``,
 fp32 for the SSM expert under bf16 autocast, as its chunked scan gives them there. With
 ``TRITON_INTERPRET=1`` set before this module is imported, Triton runs the kernels on CPU
@@ -35,8 +36,10 @@ try:
 except ImportError:  # the optional extra (pip install parallax[gpu]) is not installed
     triton = None
 
-CHUNK = 16  # tokens per loaded tile and per saved state (a power of two)
-BLOCK_D = 32  # channels per program
+# launch shape, from `benchmarks/ssm_scan.py --sweep` on an H200 (32 x 512 tokens, 512
+# channels, N 16): small programs, many of them, hide the latency of the sequential update
+CHUNK = 8  # tokens per saved state, and per unrolled stretch of the loop
+BLOCK_D = 16  # channels per program
 NUM_WARPS = 2
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -179,9 +182,11 @@ def _launchable(kernel):
 if triton is not None:
 
     @triton.jit
-    def _row(tile, rows, i):
-        """Row i of a (CHUNK, X) tile, in registers."""
-        return tl.sum(tl.where(rows[:, None] == i, tile, 0.0), axis=0)
+    def _present(d, n, in_sequence, channels, N: tl.constexpr):
+        """The masks of a token's channels and states: all those in range, or none past the end
+        of the sequence (a mask made as one, since ``d_ok & in_sequence`` mixes a block with a
+        scalar, which Triton's interpreter refuses)."""
+        return d < tl.where(in_sequence, channels, 0), n < tl.where(in_sequence, N, 0)
 
     @triton.jit
     def _scan_forward_kernel(
@@ -193,7 +198,6 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N_P2)
-        steps = tl.arange(0, CHUNK)
         d_ok, n_ok = d < channels, n < N
         dn_ok = d_ok[:, None] & n_ok[None, :]
         A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
@@ -206,26 +210,22 @@ if triton is not None:
             skip = tl.load(skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
         n_chunks = tl.cdiv(length, CHUNK)
         for chunk in range(0, n_chunks):
-            t = chunk * CHUNK + steps
-            t_ok = t < length  # positions past the end load delta = 0: they leave the state as is
-            td, td_ok = (row * length + t[:, None]) * channels + d[None, :], t_ok[:, None] & d_ok[None, :]
-            tn, tn_ok = (row * length + t[:, None]) * N + n[None, :], t_ok[:, None] & n_ok[None, :]
-            u = tl.load(u_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
-            dl = tl.load(delta_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
-            c = tl.load(c_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
             if SAVE_CHUNKS:
                 saved_at = ((row * n_chunks + chunk) * channels + d[:, None]) * N + n[None, :]
                 tl.store(chunk_states_ptr + saved_at, s, mask=dn_ok)
-            y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
-            for i in tl.static_range(CHUNK):
-                dl_i = _row(dl, steps, i)
-                s = tl.exp(dl_i[:, None] * A) * s + (dl_i * _row(u, steps, i))[:, None] * _row(b, steps, i)[None, :]
-                y_i = tl.sum(s * _row(c, steps, i)[None, :], axis=1)
-                y = tl.where(steps[:, None] == i, y_i[None, :], y)
-            if HAS_SKIP:
-                y += skip[None, :] * u
-            tl.store(y_ptr + td, y.to(y_ptr.dtype.element_ty), mask=td_ok)
+            for i in tl.static_range(CHUNK):  # unrolled: the loads do not wait for the state
+                t = row * length + chunk * CHUNK + i
+                # past the end nothing is read (delta = 0 leaves the state as is) or written
+                d_here, n_here = _present(d, n, chunk * CHUNK + i < length, channels, N)
+                u = tl.load(u_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+                dl = tl.load(delta_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
+                c = tl.load(c_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
+                s = tl.exp(dl[:, None] * A) * s + (dl * u)[:, None] * b[None, :]
+                y = tl.sum(s * c[None, :], axis=1)
+                if HAS_SKIP:
+                    y += skip * u
+                tl.store(y_ptr + t * channels + d, y.to(y_ptr.dtype.element_ty), mask=d_here)
         tl.store(last_ptr + state_at, s.to(last_ptr.dtype.element_ty), mask=dn_ok)
 
     @triton.jit
@@ -240,7 +240,6 @@ if triton is not None:
         block = tl.program_id(1)
         d = block * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N_P2)
-        steps = tl.arange(0, CHUNK)
         d_ok, n_ok = d < channels, n < N
         dn_ok = d_ok[:, None] & n_ok[None, :]
         A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
@@ -256,63 +255,53 @@ if triton is not None:
         # this program's scratch: the CHUNK states of the chunk at hand, (CHUNK, BLOCK_D, N_P2)
         scratch = scratch_ptr + (row * tl.num_programs(1) + block) * (CHUNK * BLOCK_D * N_P2)
         local = tl.arange(0, BLOCK_D)[:, None] * N_P2 + n[None, :]
+        part = (row * tl.num_programs(1) + block) * length  # this program's rows of grad_b, grad_c (B, blocks, T, N)
         n_chunks = tl.cdiv(length, CHUNK)
         for back in range(0, n_chunks):
             chunk = n_chunks - 1 - back
-            t = chunk * CHUNK + steps
-            t_ok = t < length
-            td, td_ok = (row * length + t[:, None]) * channels + d[None, :], t_ok[:, None] & d_ok[None, :]
-            tn, tn_ok = (row * length + t[:, None]) * N + n[None, :], t_ok[:, None] & n_ok[None, :]
-            u = tl.load(u_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
-            dl = tl.load(delta_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
-            gy = tl.load(grad_y_ptr + td, mask=td_ok, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
-            c = tl.load(c_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
             saved_at = ((row * n_chunks + chunk) * channels + d[:, None]) * N + n[None, :]
             start = tl.load(chunk_states_ptr + saved_at, mask=dn_ok, other=0.0)
             s = start
             for i in tl.static_range(CHUNK):  # the chunk's states again, from the saved one
-                dl_i = _row(dl, steps, i)
-                s = tl.exp(dl_i[:, None] * A) * s + (dl_i * _row(u, steps, i))[:, None] * _row(b, steps, i)[None, :]
+                t = row * length + chunk * CHUNK + i
+                d_here, n_here = _present(d, n, chunk * CHUNK + i < length, channels, N)
+                u = tl.load(u_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+                dl = tl.load(delta_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
+                s = tl.exp(dl[:, None] * A) * s + (dl * u)[:, None] * b[None, :]
                 tl.store(scratch + i * BLOCK_D * N_P2 + local, s)
             tl.debug_barrier()
-            g_u = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
-            g_dl = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
-            g_b = tl.zeros((CHUNK, N_P2), dtype=tl.float32)
-            g_c = tl.zeros((CHUNK, N_P2), dtype=tl.float32)
             for j in tl.static_range(CHUNK):
                 i = CHUNK - 1 - j
-                u_i, dl_i, gy_i = _row(u, steps, i), _row(dl, steps, i), _row(gy, steps, i)
-                b_i, c_i = _row(b, steps, i), _row(c, steps, i)
-                s_i = tl.load(scratch + i * BLOCK_D * N_P2 + local)
+                t_in_row = chunk * CHUNK + i
+                t = row * length + t_in_row
+                d_here, n_here = _present(d, n, t_in_row < length, channels, N)
+                u = tl.load(u_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+                dl = tl.load(delta_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+                gy = tl.load(grad_y_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
+                c = tl.load(c_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
+                s = tl.load(scratch + i * BLOCK_D * N_P2 + local)
                 if i > 0:
                     s_before = tl.load(scratch + (i - 1) * BLOCK_D * N_P2 + local)
                 else:
                     s_before = start
-                ds += gy_i[:, None] * c_i[None, :]
-                g_c_i = tl.sum(gy_i[:, None] * s_i, axis=0)
-                g_u_i = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                ds += gy[:, None] * c[None, :]
+                g_u = tl.zeros((BLOCK_D,), dtype=tl.float32)
                 if HAS_SKIP:
-                    grad_skip += gy_i * u_i
-                    g_u_i = gy_i * skip
-                ds_b = tl.sum(ds * b_i[None, :], axis=1)  # through the drive delta u B
-                g_u_i += dl_i * ds_b
-                g_b_i = tl.sum(ds * (dl_i * u_i)[:, None], axis=0)
-                decay = tl.exp(dl_i[:, None] * A)
+                    grad_skip += gy * u
+                    g_u = gy * skip
+                ds_b = tl.sum(ds * b[None, :], axis=1)  # through the drive delta u B
+                g_u += dl * ds_b
+                decay = tl.exp(dl[:, None] * A)
                 d_log_decay = ds * s_before * decay  # through a = exp(delta A)
-                g_dl_i = u_i * ds_b + tl.sum(d_log_decay * A, axis=1)
-                grad_a += d_log_decay * dl_i[:, None]
+                g_dl = u * ds_b + tl.sum(d_log_decay * A, axis=1)
+                grad_a += d_log_decay * dl[:, None]
+                tl.store(grad_u_ptr + t * channels + d, g_u, mask=d_here)
+                tl.store(grad_delta_ptr + t * channels + d, g_dl, mask=d_here)
+                tl.store(grad_b_ptr + (part + t_in_row) * N + n, tl.sum(ds * (dl * u)[:, None], axis=0), mask=n_here)
+                tl.store(grad_c_ptr + (part + t_in_row) * N + n, tl.sum(gy[:, None] * s, axis=0), mask=n_here)
                 ds = ds * decay
-                here = steps[:, None] == i
-                g_u = tl.where(here, g_u_i[None, :], g_u)
-                g_dl = tl.where(here, g_dl_i[None, :], g_dl)
-                g_b = tl.where(here, g_b_i[None, :], g_b)
-                g_c = tl.where(here, g_c_i[None, :], g_c)
-            tl.store(grad_u_ptr + td, g_u, mask=td_ok)
-            tl.store(grad_delta_ptr + td, g_dl, mask=td_ok)
-            part = ((row * tl.num_programs(1) + block) * length + t[:, None]) * N + n[None, :]  # (B, blocks, T, N)
-            tl.store(grad_b_ptr + part, g_b, mask=tn_ok)
-            tl.store(grad_c_ptr + part, g_c, mask=tn_ok)
             tl.debug_barrier()  # the next chunk rewrites the scratch
         tl.store(grad_a_ptr + state_at, grad_a, mask=dn_ok)
         tl.store(grad_skip_ptr + row * channels + d, grad_skip, mask=d_ok)
