@@ -71,19 +71,13 @@ def test_fast_decay_does_not_overflow():
 # process of their own with TRITON_INTERPRET=1; it prints what the test asserts on.
 TRITON_SCAN_CHECKS = r"""
 import json, torch
-from parallax.ops.ssm_scan import selective_scan_ref, selective_scan_triton
+from parallax.ops.ssm_scan import selective_scan_ref, selective_scan_triton, triton_scan
 from tests.test_ssm_scan import random_inputs
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-out = []
-# (length, channels, n_state, with state, with D, dtype): lengths off the 8- and 16-token chunks,
-# channels off the 16- and 32-channel blocks; N not a power of two; one token (decoding); fp16
-for length, channels, n_state, with_state, with_skip, dtype in [
-    (37, 40, 5, True, True, torch.float32), (16, 32, 4, False, False, torch.float32),
-    (1, 8, 3, True, True, torch.float32), (21, 12, 4, False, True, torch.float16),
-]:
+def check(length, channels, n_state, with_state, with_skip, dtype):
     inputs = random_inputs(length=length, channels=channels, n_state=n_state, dtype=torch.float64, seed=length)
     inputs[5] = inputs[5] if with_skip else None
     inputs[6] = inputs[6] if with_state else None
@@ -96,11 +90,21 @@ for length, channels, n_state, with_state, with_skip, dtype in [
     weights = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in (y, s)]
     ((y_ref * weights[0]).sum() + (s_ref * weights[1]).sum()).backward()
     ((y.double() * weights[0]).sum() + (s.double() * weights[1]).sum()).backward()
-    out.append({"dtype": str(dtype), "y": rel(y, y_ref), "state": rel(s, s_ref),
-                "out_dtypes": [str(y.dtype), str(s.dtype)],
-                "grads": {name: rel(f.grad, e.grad) for name, f, e in zip("u delta A B C D state".split(), fast, exact)
-                          if e is not None},
-                "grad_dtypes_kept": all(f.grad.dtype == f.dtype for f in fast if f is not None)})
+    return {"dtype": str(dtype), "y": rel(y, y_ref), "state": rel(s, s_ref),
+            "out_dtypes": [str(y.dtype), str(s.dtype)],
+            "grads": {name: rel(f.grad, e.grad) for name, f, e in zip("u delta A B C D state".split(), fast, exact)
+                      if e is not None},
+            "grad_dtypes_kept": all(f.grad.dtype == f.dtype for f in fast if f is not None)}
+
+# (length, channels, n_state, with state, with D, dtype): lengths off the chunk, channels off the
+# block (the default launch shape's and the others' below); N not a power of two; one token
+# (decoding); fp16
+cases = [(37, 40, 5, True, True, torch.float32), (16, 32, 4, False, False, torch.float32),
+         (1, 8, 3, True, True, torch.float32), (21, 12, 4, False, True, torch.float16)]
+out = [check(*case) for case in cases]
+for shape in [(16, 32, 2), (4, 8, 1)]:  # other launch shapes (benchmarks/ssm_scan.py --sweep sets them)
+    triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = shape
+    out.append(check(*cases[0]))
 u, delta, A, B, C, D, state = random_inputs(length=0)
 y, s = selective_scan_triton(u, delta, A, B, C, D, state)
 empty = {"y": list(y.shape), "state_kept": bool(torch.equal(s, state))}
@@ -111,7 +115,8 @@ print(json.dumps({"cases": out, "empty": empty}))
 def test_triton_scan_under_the_interpreter():
     """The Triton scan against the sequential reference in fp64: outputs, final state and the
     gradient of every input near 1e-6 in fp32 (below 1e-2 with fp16 inputs), with and without
-    an initial state and D, at lengths off the kernel's chunk and widths off its block."""
+    an initial state and D, at lengths off the kernel's chunk and widths off its block, at the
+    default launch shape and two others."""
     pytest.importorskip("triton", reason="the Triton scan needs triton (pip install parallax[gpu])")
     import json
     import os
@@ -131,7 +136,7 @@ def test_triton_scan_under_the_interpreter():
         tol = 1e-2 if case["dtype"] == "torch.float16" else 1e-5
         assert max(case["y"], case["state"], *case["grads"].values()) < tol, case
         assert case["out_dtypes"] == ["torch.float32"] * 2 and case["grad_dtypes_kept"], case
-    assert len(out["cases"][0]["grads"]) == 7 and len(out["cases"][1]["grads"]) == 5
+    assert len(out["cases"]) == 6 and len(out["cases"][0]["grads"]) == 7 and len(out["cases"][1]["grads"]) == 5
     assert out["empty"] == {"y": [2, 0, 5], "state_kept": True}
 
 
