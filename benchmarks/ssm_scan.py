@@ -57,6 +57,8 @@ def main(out: str, sweep: bool) -> None:
     for name, scan in scans.items():
         got = forward_backward(scan, low)
         entry = {"errors_y_then_grads": [relative_error(g, e) for g, e in zip(got, exact)]}
+        if scan is selective_scan_triton:
+            entry["launch_shape"] = launch_shape()
         entry["forward_backward_ms"] = do_bench(lambda: forward_backward(scan, low), warmup=5, rep=200)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             entry["forward_ms"] = do_bench(lambda: scan(*low), warmup=5, rep=200)
@@ -79,19 +81,26 @@ def main(out: str, sweep: bool) -> None:
             json.dump(report, f, indent=1)
 
 
+def launch_shape() -> dict:
+    """The Triton scan's launch shape as it is now (module globals the sweep changes)."""
+    return dict(chunk=triton_scan.CHUNK, block_d=triton_scan.BLOCK_D, num_warps=triton_scan.NUM_WARPS)
+
+
 def launch_shapes(forward_backward, inputs) -> list[dict]:
     """The Triton scan's time at each (tokens per saved state, channels per program, warps)."""
     default = triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS
     rows = []
-    for shape in itertools.product((8, 16), (8, 16, 32), (1, 2)):
-        triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = shape
-        row = dict(chunk=shape[0], block_d=shape[1], num_warps=shape[2])
-        with torch.no_grad():
-            row["forward_ms"] = do_bench(lambda: selective_scan_triton(*inputs), warmup=5, rep=100)
-        row["forward_backward_ms"] = do_bench(forward_backward, warmup=5, rep=100)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = default
+    try:
+        for shape in itertools.product((8, 16), (8, 16, 32), (1, 2)):
+            triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = shape
+            row = launch_shape()
+            with torch.no_grad():
+                row["forward_ms"] = do_bench(lambda: selective_scan_triton(*inputs), warmup=5, rep=100)
+            row["forward_backward_ms"] = do_bench(forward_backward, warmup=5, rep=100)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = default
     return rows
 
 

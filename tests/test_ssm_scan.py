@@ -77,7 +77,7 @@ from tests.test_ssm_scan import random_inputs
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-def check(length, channels, n_state, with_state, with_skip, dtype):
+def check(length, channels, n_state, with_state, with_skip, dtype, chunk_for_backward=None):
     inputs = random_inputs(length=length, channels=channels, n_state=n_state, dtype=torch.float64, seed=length)
     inputs[5] = inputs[5] if with_skip else None
     inputs[6] = inputs[6] if with_state else None
@@ -86,6 +86,8 @@ def check(length, channels, n_state, with_state, with_skip, dtype):
             for i, x in enumerate(inputs)]
     y_ref, s_ref = selective_scan_ref(*exact)
     y, s = selective_scan_triton(*fast)
+    if chunk_for_backward:
+        triton_scan.CHUNK = chunk_for_backward
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in (y, s)]
     ((y_ref * weights[0]).sum() + (s_ref * weights[1]).sum()).backward()
@@ -105,6 +107,10 @@ out = [check(*case) for case in cases]
 for shape in [(16, 32, 2), (4, 8, 1)]:  # other launch shapes (benchmarks/ssm_scan.py --sweep sets them)
     triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = shape
     out.append(check(*cases[0]))
+# the backward walks the forward's chunks even if CHUNK changes in between (here both give two
+# chunks of the 24 tokens, so only using the forward's would tell)
+triton_scan.CHUNK = 16
+out.append(check(24, 20, 4, True, True, torch.float32, chunk_for_backward=12))
 u, delta, A, B, C, D, state = random_inputs(length=0)
 y, s = selective_scan_triton(u, delta, A, B, C, D, state)
 empty = {"y": list(y.shape), "state_kept": bool(torch.equal(s, state))}
@@ -136,7 +142,7 @@ def test_triton_scan_under_the_interpreter():
         tol = 1e-2 if case["dtype"] == "torch.float16" else 1e-5
         assert max(case["y"], case["state"], *case["grads"].values()) < tol, case
         assert case["out_dtypes"] == ["torch.float32"] * 2 and case["grad_dtypes_kept"], case
-    assert len(out["cases"]) == 6 and len(out["cases"][0]["grads"]) == 7 and len(out["cases"][1]["grads"]) == 5
+    assert len(out["cases"]) == 7 and len(out["cases"][0]["grads"]) == 7 and len(out["cases"][1]["grads"]) == 5
     assert out["empty"] == {"y": [2, 0, 5], "state_kept": True}
 
 

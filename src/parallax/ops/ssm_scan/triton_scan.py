@@ -15,9 +15,9 @@ per block, and are summed after)::
 
 Each token's inputs are loaded as they are needed, in a loop unrolled over the chunk so that
 the loads are issued ahead of the state update that waits on them. (An earlier form loaded a
-chunk as (CHUNK, BLOCK_D) tiles and took each token's row out in registers; the cross-thread
-reductions that took made it 2.2x slower forward + backward on an H200, BENCHMARKS.md.) Arithmetic is fp32 whatever the inputs' dtypes (fp16, bf16 or fp32; fp64 goes
-to the chunked scan); y and the final state come out in ``promote_types(u.dtype, A.dtype)``,
+chunk as (CHUNK, BLOCK_D) tiles and took each token's row out with masked sums across
+threads: 2.2x slower forward + backward on an H200, BENCHMARKS.md.) Arithmetic is fp32
+whatever the inputs' dtypes (fp16, bf16 or fp32; fp64 goes to the chunked scan); y and the final state come out in ``promote_types(u.dtype, A.dtype)``,
 fp32 for the SSM expert under bf16 autocast, as its chunked scan gives them there. With
 ``TRITON_INTERPRET=1`` set before this module is imported, Triton runs the kernels on CPU
 (slowly; for tests).
@@ -68,7 +68,7 @@ def selective_scan_triton(
     _check_shapes(u, delta, A, B, C, D, state)
     inputs = (u, delta, A, B, C, D, state)
     save_chunks = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    y, last, _ = scan_forward(*inputs, save_chunks)
+    y, last, _ = scan_forward(*inputs, save_chunks, CHUNK)
     return y, last
 
 
@@ -79,16 +79,16 @@ if triton is not None:
     @torch.library.triton_op("parallax::selective_scan_forward", mutates_args=())
     def scan_forward(
         u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor | None,
-        save_chunks: bool,
+        save_chunks: bool, chunk: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(y, final state, the state before every CHUNK tokens (B, chunks, D, N) if
+        """(y, final state, the state before every ``chunk`` tokens (B, chunks, D, N) if
         ``save_chunks``, for the backward pass, else an empty tensor)."""
         batch, length, channels = u.shape
         n_state = A.shape[1]
         out_dtype = torch.promote_types(u.dtype, A.dtype)
         y = u.new_empty(batch, length, channels, dtype=out_dtype)
         last = u.new_empty(batch, channels, n_state, dtype=out_dtype)
-        n_chunks = triton.cdiv(length, CHUNK)
+        n_chunks = triton.cdiv(length, chunk)
         chunk_states = u.new_empty(batch, n_chunks if save_chunks else 0, channels, n_state, dtype=torch.float32)
         if length == 0:
             last.copy_(state if state is not None else torch.zeros_like(last))
@@ -96,16 +96,17 @@ if triton is not None:
         _launchable(_scan_forward_kernel)[(batch, triton.cdiv(channels, BLOCK_D))](
             *_contiguous(u, delta, A, B, C), _or(D, u), _or(state, u), y, last, chunk_states, length, channels,
             HAS_SKIP=D is not None, HAS_START=state is not None, SAVE_CHUNKS=save_chunks,
-            N=n_state, N_P2=triton.next_power_of_2(n_state), CHUNK=CHUNK, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+            N=n_state, N_P2=triton.next_power_of_2(n_state), CHUNK=chunk, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
         )
         return y, last, chunk_states
 
     @torch.library.triton_op("parallax::selective_scan_backward", mutates_args=())
     def scan_backward(
         u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, chunk_states: Tensor,
-        grad_y: Tensor, grad_last: Tensor | None,
+        grad_y: Tensor, grad_last: Tensor | None, chunk: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The gradients of u, delta, A, B, C, D and the initial state, all in fp32."""
+        """The gradients of u, delta, A, B, C, D and the initial state, all in fp32; ``chunk``
+        is the forward's (its saved states are ``chunk`` tokens apart)."""
         batch, length, channels = u.shape
         n_state = A.shape[1]
         n_blocks, n_p2 = triton.cdiv(channels, BLOCK_D), triton.next_power_of_2(n_state)
@@ -120,29 +121,30 @@ if triton is not None:
             grad_start.copy_(grad_last if grad_last is not None else torch.zeros_like(grad_start))
             return (grad_u, grad_delta, grad_a.zero_().sum(0), grad_b.sum(1), grad_c.sum(1),
                     grad_skip.zero_().sum(0), grad_start)
-        scratch = u.new_empty(batch * n_blocks * CHUNK * BLOCK_D * n_p2, **f32)
+        scratch = u.new_empty(batch * n_blocks * chunk * BLOCK_D * n_p2, **f32)
         _launchable(_scan_backward_kernel)[(batch, n_blocks)](
             *_contiguous(u, delta, A, B, C), _or(D, u), chunk_states, grad_y.contiguous(), _or(grad_last, u), scratch,
             grad_u, grad_delta, grad_a, grad_b, grad_c, grad_skip, grad_start, length, channels,
             HAS_SKIP=D is not None, HAS_GRAD_LAST=grad_last is not None,
-            N=n_state, N_P2=n_p2, CHUNK=CHUNK, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+            N=n_state, N_P2=n_p2, CHUNK=chunk, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
         )
         return grad_u, grad_delta, grad_a.sum(0), grad_b.sum(1), grad_c.sum(1), grad_skip.sum(0), grad_start
 
     def _setup_context(ctx, inputs, output):
-        u, delta, A, B, C, D, state, _ = inputs
+        u, delta, A, B, C, D, state, _, chunk = inputs
         ctx.save_for_backward(u, delta, A, B, C, D, output[2])
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, state)]
+        ctx.chunk = chunk  # the backward walks the forward's chunks, whatever CHUNK is by then
 
     def _backward(ctx, grad_y, grad_last, _grad_chunk_states):
         u, delta, A, B, C, D, chunk_states = ctx.saved_tensors
-        if chunk_states.shape[1] != triton.cdiv(u.shape[1], CHUNK):
+        if chunk_states.shape[1] != triton.cdiv(u.shape[1], ctx.chunk):
             raise RuntimeError("selective scan: backward through a forward run with save_chunks=False")
         if grad_y is None:  # (autograd passes zeros for an unused output; a compiled graph may not)
             grad_y = torch.zeros_like(u)
-        grads = scan_backward(u, delta, A, B, C, D, chunk_states, grad_y, grad_last)
+        grads = scan_backward(u, delta, A, B, C, D, chunk_states, grad_y, grad_last, ctx.chunk)
         return *(None if dtype is None or not needed else g.to(dtype)
-                 for g, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None
+                 for g, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None, None
 
     scan_forward.register_autograd(_backward, setup_context=_setup_context)
 
