@@ -17,8 +17,9 @@ Each token's inputs are loaded as they are needed, in a loop unrolled over the c
 the loads are issued ahead of the state update that waits on them. (An earlier form loaded a
 chunk as (CHUNK, BLOCK_D) tiles and took each token's row out with masked sums across
 threads: 2.2x slower forward + backward on an H200, BENCHMARKS.md.) Arithmetic is fp32
-whatever the inputs' dtypes (fp16, bf16 or fp32; fp64 goes to the chunked scan); y and the final state come out in ``promote_types(u.dtype, A.dtype)``,
-fp32 for the SSM expert under bf16 autocast, as its chunked scan gives them there. With
+whatever the inputs' dtypes (fp16, bf16 or fp32; fp64 goes to the chunked scan); y and the
+final state come out in ``promote_types(u.dtype, A.dtype)``, fp32 for the SSM expert under
+bf16 autocast, as its chunked scan gives them there. With
 ``TRITON_INTERPRET=1`` set before this module is imported, Triton runs the kernels on CPU
 (slowly; for tests).
 """
@@ -191,6 +192,14 @@ if triton is not None:
         return d < tl.where(in_sequence, channels, 0), n < tl.where(in_sequence, N, 0)
 
     @triton.jit
+    def _token_inputs(u_ptr, delta_ptr, b_ptr, t, d, n, d_here, n_here, channels, N: tl.constexpr):
+        """Token t's u and delta at channels d and its B, in fp32 (zeros where masked off)."""
+        u = tl.load(u_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+        dl = tl.load(delta_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
+        return u, dl, b
+
+    @triton.jit
     def _scan_forward_kernel(
         u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, skip_ptr, start_ptr, y_ptr, last_ptr, chunk_states_ptr,
         length, channels,
@@ -219,9 +228,7 @@ if triton is not None:
                 t = row * length + chunk * CHUNK + i
                 # past the end nothing is read (delta = 0 leaves the state as is) or written
                 d_here, n_here = _present(d, n, chunk * CHUNK + i < length, channels, N)
-                u = tl.load(u_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
-                dl = tl.load(delta_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
+                u, dl, b = _token_inputs(u_ptr, delta_ptr, b_ptr, t, d, n, d_here, n_here, channels, N)
                 c = tl.load(c_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
                 s = tl.exp(dl[:, None] * A) * s + (dl * u)[:, None] * b[None, :]
                 y = tl.sum(s * c[None, :], axis=1)
@@ -267,9 +274,7 @@ if triton is not None:
             for i in tl.static_range(CHUNK):  # the chunk's states again, from the saved one
                 t = row * length + chunk * CHUNK + i
                 d_here, n_here = _present(d, n, chunk * CHUNK + i < length, channels, N)
-                u = tl.load(u_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
-                dl = tl.load(delta_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
+                u, dl, b = _token_inputs(u_ptr, delta_ptr, b_ptr, t, d, n, d_here, n_here, channels, N)
                 s = tl.exp(dl[:, None] * A) * s + (dl * u)[:, None] * b[None, :]
                 tl.store(scratch + i * BLOCK_D * N_P2 + local, s)
             tl.debug_barrier()
@@ -278,10 +283,8 @@ if triton is not None:
                 t_in_row = chunk * CHUNK + i
                 t = row * length + t_in_row
                 d_here, n_here = _present(d, n, t_in_row < length, channels, N)
-                u = tl.load(u_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
-                dl = tl.load(delta_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
+                u, dl, b = _token_inputs(u_ptr, delta_ptr, b_ptr, t, d, n, d_here, n_here, channels, N)
                 gy = tl.load(grad_y_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
                 c = tl.load(c_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
                 s = tl.load(scratch + i * BLOCK_D * N_P2 + local)
                 if i > 0:
