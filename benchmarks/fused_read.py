@@ -55,7 +55,7 @@ def main(out: str) -> None:
         for warps in (1, 2, 4):
             def launch(block_d=block_d, warps=warps):
                 fr._token_read_kernel[(N,)](
-                    q_slot, slots, cum, raw, new_cum, mixed, q_slot.stride(0), q_slot.stride(1),
+                    q_slot, slots, cum, raw, new_cum, mixed, *q_slot.stride()[:2], *mixed.stride()[:2],
                     DECAY=DECAY, SCALE=1 / math.sqrt(HEAD_DIM), INV_LN_BASE=1 / math.log(BASE), HEADS=HEADS, HEADS_P2=HEADS, SLOTS=SLOTS, SLOTS_P2=8,
                     DIM=DIM, BLOCK_D=block_d, num_warps=warps)
             ms = do_bench(launch, warmup=50, rep=300)

@@ -72,25 +72,12 @@ def fused_read(
     and rounded to q's dtype, once, after scaling, because the halting monitor compares it
     against a tolerance: kept in fp32, bf16 runs settled 1-2% fewer tokens at the fp32 run's K
     than the absorbed read's did; BENCHMARKS.md.)"""
-    n, heads, head_dim = q.shape
-    n_slots, dim = slots.shape[1:]
-    # q_slot comes out of the per-head products head-major; the kernel reads it (and writes
-    # mixed, for the next per-head product) in that layout rather than copying it token-major
+    head_dim = q.shape[-1]
+    # q_slot comes out of the per-head product head-major; the kernel reads it in that layout
     q_slot = torch.einsum("nhe,hed->nhd", q, w_k.to(q.dtype))
-    if q_slot.stride(-1) != 1:
-        q_slot = q_slot.contiguous()
-    slots, cum = slots.contiguous(), cum.contiguous()
-    raw = torch.empty_like(cum, dtype=q.dtype)
-    new_cum = torch.empty_like(cum)
-    mixed = torch.empty_strided(q_slot.shape, q_slot.stride(), dtype=q_slot.dtype, device=q_slot.device)
-    if n:  # no tokens (an emptied working set): no launch, as a grid of zero programs is an error
-        _token_read_kernel[(n,)](
-            q_slot, slots, cum, raw, new_cum, mixed, q_slot.stride(0), q_slot.stride(1),
-            DECAY=decay, SCALE=1.0 / math.sqrt(head_dim), INV_LN_BASE=1.0 / math.log(base),
-            HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), SLOTS=n_slots,
-            SLOTS_P2=triton.next_power_of_2(n_slots), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
-            num_warps=NUM_WARPS,
-        )
+    raw, new_cum, mixed = token_read(
+        q_slot, slots, cum, decay, 1.0 / math.sqrt(head_dim), 1.0 / math.log(base)
+    )
     read = torch.einsum("nhd,hed->nhe", mixed, w_v.to(q.dtype))
     return raw, new_cum, read
 
@@ -100,7 +87,7 @@ if triton is not None:
     @triton.jit
     def _token_read_kernel(
         q_slot_ptr, slots_ptr, cum_ptr, raw_ptr, new_cum_ptr, mixed_ptr,
-        token_stride, head_stride,  # of q_slot and mixed (N, H, d), whose d is contiguous
+        q_token_stride, q_head_stride, mixed_token_stride, mixed_head_stride,  # (N, H, d), d contiguous
         DECAY: tl.constexpr, SCALE: tl.constexpr, INV_LN_BASE: tl.constexpr,  # constants of the config (a
         # float argument would arrive as fp64 under torch.compile and pull the epilogue into fp64)
         HEADS: tl.constexpr, HEADS_P2: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr,
@@ -112,7 +99,8 @@ if triton is not None:
         dd = tl.arange(0, BLOCK_D)
         h_ok = h < HEADS
         s_ok = s < SLOTS
-        q_rows = token * token_stride + h.to(tl.int64) * head_stride  # q_slot and mixed: (N, H, d)
+        q_rows = token * q_token_stride + h.to(tl.int64) * q_head_stride
+        mixed_rows = token * mixed_token_stride + h.to(tl.int64) * mixed_head_stride
         slot_rows = (token * SLOTS + s) * DIM  # slots: (N, S, d)
         scores = tl.zeros((HEADS_P2, SLOTS_P2), dtype=tl.float32)
         for d0 in range(0, DIM, BLOCK_D):
@@ -136,5 +124,46 @@ if triton is not None:
             d_ok = d < DIM
             sl = tl.load(slots_ptr + slot_rows[:, None] + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
             mixed = tl.sum(weights[:, :, None] * sl.to(tl.float32)[None, :, :], axis=1)  # (H, BD)
-            tl.store(mixed_ptr + q_rows[:, None] + d[None, :], mixed.to(mixed_ptr.dtype.element_ty),
+            tl.store(mixed_ptr + mixed_rows[:, None] + d[None, :], mixed.to(mixed_ptr.dtype.element_ty),
                      mask=h_ok[:, None] & d_ok[None, :])
+
+def _token_read_outputs(q_slot: Tensor, cum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty (raw, cum', mixed): raw in q_slot's dtype, cum' in cum's, mixed head-major (for the
+    per-head product that reads it)."""
+    raw = torch.empty(cum.shape, dtype=q_slot.dtype, device=cum.device)
+    new_cum = torch.empty(cum.shape, dtype=cum.dtype, device=cum.device)
+    n, heads, dim = q_slot.shape
+    mixed = torch.empty(heads, n, dim, dtype=q_slot.dtype, device=q_slot.device).transpose(0, 1)
+    return raw, new_cum, mixed
+
+
+if triton is not None:
+    # An opaque custom op rather than a kernel torch.compile traces into: traced, the kernel's
+    # writes into the head-major ``mixed`` were functionalised into copies of an empty buffer,
+    # two (N, H, d) copies per iteration (4.5% of the compiled training step, BENCHMARKS.md)
+
+    @torch.library.custom_op("parallax::fused_read_tokens", mutates_args=())
+    def token_read(
+        q_slot: Tensor, slots: Tensor, cum: Tensor, decay: float, scale: float, inv_ln_base: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The kernel's part: (raw, cum', mixed (N, H, d)) from q_slot (N, H, d), slots (N, S, d)
+        and cum (N, H, S)."""
+        n, heads, dim = q_slot.shape
+        n_slots = slots.shape[1]
+        if q_slot.stride(-1) != 1:
+            q_slot = q_slot.contiguous()
+        slots, cum = slots.contiguous(), cum.contiguous()
+        raw, new_cum, mixed = _token_read_outputs(q_slot, cum)
+        if n:  # no tokens (an emptied working set): no launch, as a grid of zero programs is an error
+            _token_read_kernel[(n,)](
+                q_slot, slots, cum, raw, new_cum, mixed, *q_slot.stride()[:2], *mixed.stride()[:2],
+                DECAY=decay, SCALE=scale, INV_LN_BASE=inv_ln_base,
+                HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), SLOTS=n_slots,
+                SLOTS_P2=triton.next_power_of_2(n_slots), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
+                num_warps=NUM_WARPS,
+            )
+        return raw, new_cum, mixed
+
+    @token_read.register_fake
+    def _(q_slot, slots, cum, decay, scale, inv_ln_base):
+        return _token_read_outputs(q_slot, cum)
