@@ -281,11 +281,16 @@ for n, heads, head_dim, slots, dim, dtype in [
 out["empty"] = [list(x.shape) for x in fused_read.fused_read(q[:0], pool[:0], cum[:0], w_k, w_v, 0.9, 2.0)]
 # the kernel's custom op: its fake (what torch.compile plans with) against the real outputs,
 # for q_slot head-major (as the per-head product leaves it) and token-major
-q_slot = torch.randn(3, 20, 40).transpose(0, 1)
-op_args = (torch.randn(20, 5, 40), torch.rand(20, 3, 5) + 0.5, 0.9, 0.25, 1.4)
-for layout in (q_slot, q_slot.contiguous()):
-    torch.library.opcheck(fused_read.token_read, (layout, *op_args))
+for n, dtype in ((0, torch.float32), (20, torch.float32), (9, torch.bfloat16)):  # bf16 q_slot, fp32 cum
+    q_slot = torch.randn(3, n, 40, dtype=dtype).transpose(0, 1)
+    op_args = (torch.randn(n, 5, 40, dtype=dtype), torch.rand(n, 3, 5) + 0.5, 0.9, 0.25, 1.4)
+    for layout in (q_slot, q_slot.contiguous()):
+        torch.library.opcheck(fused_read.token_read, (layout, *op_args))
 out["opcheck"] = "passed"
+try:  # cum with 4 heads against q_slot's 3
+    fused_read.token_read(q_slot, op_args[0], torch.rand(n, 4, 5), 0.9, 0.25, 1.4)
+except RuntimeError as e:
+    out["mismatch"] = str(e).splitlines()[0]
 
 def model(read, **knobs):
     torch.manual_seed(0)
@@ -320,9 +325,10 @@ print(json.dumps(out))
 
 def test_fused_read_under_the_triton_interpreter():
     """The kernel against ``absorbed_read_reference`` on random inputs (fp32 near 1e-6, fp16 below
-    1e-2), its custom op's fake outputs against the real ones (``torch.library.opcheck``), and a model with ``read="fused"`` against one with the absorbed read: the same settled
-    states and K (halting off and on), the same loss and gradients (the live steps with grad run
-    the PyTorch read, the others the kernel)."""
+    1e-2); its custom op's fake outputs against the real ones (``torch.library.opcheck``) and its
+    error on shapes that disagree; and a model with ``read="fused"`` against one with the absorbed
+    read: the same settled states and K (halting off and on), the same loss and gradients (the
+    live steps with grad run the PyTorch read, the others the kernel)."""
     pytest.importorskip("triton", reason="the fused read needs triton (pip install parallax[gpu])")
     import json
     import os
@@ -338,6 +344,7 @@ def test_fused_read_under_the_triton_interpreter():
         assert case["dtypes_kept"] and max(case["errors"]) < tol, case
     assert out["empty"] == [[0, 8, 5], [0, 8, 5], [0, 8, 16]]  # no tokens (an emptied working set): no launch
     assert out["opcheck"] == "passed"
+    assert "must be (N, H, d), (N, S, d) and (N, H, S)" in out["mismatch"]  # not an out-of-bounds read
     for loop, result in out["settle"].items():
         assert result["same_k"] and result["h"] < 1e-5, (loop, result)
     assert out["settle"]["compact"]["k_values"] > 2  # halting at several K

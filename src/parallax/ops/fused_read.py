@@ -67,11 +67,11 @@ def fused_read(
     q: Tensor, slots: Tensor, cum: Tensor, w_k: Tensor, w_v: Tensor, decay: float, base: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``absorbed_read_reference`` as two weight products and one kernel launch between them.
-    cum' comes out in cum's dtype, raw and read in q's, and the weights are cast to q's dtype,
-    as the absorbed read's products give and take them under autocast. (raw is computed in fp32
-    and rounded to q's dtype, once, after scaling, because the halting monitor compares it
-    against a tolerance: kept in fp32, bf16 runs settled 1-2% fewer tokens at the fp32 run's K
-    than the absorbed read's did; BENCHMARKS.md.)"""
+    cum' comes out in cum's dtype, raw and read in the products' (q's, or autocast's), and the
+    weights are cast to it, as the absorbed read's products give and take them under autocast.
+    (raw is computed in fp32 and rounded to that dtype, once, after scaling, because the
+    halting monitor compares it against a tolerance: kept in fp32, bf16 runs settled 1-2% fewer
+    tokens at the fp32 run's K than the absorbed read's did; BENCHMARKS.md.)"""
     head_dim = q.shape[-1]
     # q_slot comes out of the per-head product head-major; the kernel reads it in that layout
     q_slot = torch.einsum("nhe,hed->nhd", q, w_k.to(q.dtype))
@@ -82,14 +82,30 @@ def fused_read(
     return raw, new_cum, read
 
 
+def _token_read_outputs(q_slot: Tensor, slots: Tensor, cum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty (raw, cum', mixed) for the token read, once the shapes are checked: raw in q_slot's
+    dtype, cum' in cum's, mixed head-major (for the per-head product that reads it)."""
+    n, heads, dim = q_slot.shape
+    torch._check(
+        slots.dim() == 3 and slots.shape[0] == n and slots.shape[2] == dim
+        and tuple(cum.shape) == (n, heads, slots.shape[1]),
+        lambda: f"fused read: q_slot {tuple(q_slot.shape)}, slots {tuple(slots.shape)} and cum "
+        f"{tuple(cum.shape)} must be (N, H, d), (N, S, d) and (N, H, S)",
+    )
+    raw = torch.empty(cum.shape, dtype=q_slot.dtype, device=cum.device)
+    new_cum = torch.empty(cum.shape, dtype=cum.dtype, device=cum.device)
+    mixed = torch.empty(heads, n, dim, dtype=q_slot.dtype, device=q_slot.device).transpose(0, 1)
+    return raw, new_cum, mixed
+
+
 if triton is not None:
 
     @triton.jit
     def _token_read_kernel(
         q_slot_ptr, slots_ptr, cum_ptr, raw_ptr, new_cum_ptr, mixed_ptr,
         q_token_stride, q_head_stride, mixed_token_stride, mixed_head_stride,  # (N, H, d), d contiguous
-        DECAY: tl.constexpr, SCALE: tl.constexpr, INV_LN_BASE: tl.constexpr,  # constants of the config (a
-        # float argument would arrive as fp64 under torch.compile and pull the epilogue into fp64)
+        DECAY: tl.constexpr, SCALE: tl.constexpr, INV_LN_BASE: tl.constexpr,  # of the config: folded in,
+        # one build per configuration
         HEADS: tl.constexpr, HEADS_P2: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr,
         DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -127,17 +143,6 @@ if triton is not None:
             tl.store(mixed_ptr + mixed_rows[:, None] + d[None, :], mixed.to(mixed_ptr.dtype.element_ty),
                      mask=h_ok[:, None] & d_ok[None, :])
 
-def _token_read_outputs(q_slot: Tensor, cum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Empty (raw, cum', mixed): raw in q_slot's dtype, cum' in cum's, mixed head-major (for the
-    per-head product that reads it)."""
-    raw = torch.empty(cum.shape, dtype=q_slot.dtype, device=cum.device)
-    new_cum = torch.empty(cum.shape, dtype=cum.dtype, device=cum.device)
-    n, heads, dim = q_slot.shape
-    mixed = torch.empty(heads, n, dim, dtype=q_slot.dtype, device=q_slot.device).transpose(0, 1)
-    return raw, new_cum, mixed
-
-
-if triton is not None:
     # An opaque custom op rather than a kernel torch.compile traces into: traced, the kernel's
     # writes into the head-major ``mixed`` were functionalised into copies of an empty buffer,
     # two (N, H, d) copies per iteration (4.5% of the compiled training step, BENCHMARKS.md)
@@ -148,12 +153,11 @@ if triton is not None:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The kernel's part: (raw, cum', mixed (N, H, d)) from q_slot (N, H, d), slots (N, S, d)
         and cum (N, H, S)."""
-        n, heads, dim = q_slot.shape
-        n_slots = slots.shape[1]
+        raw, new_cum, mixed = _token_read_outputs(q_slot, slots, cum)
+        (n, heads, dim), n_slots = q_slot.shape, slots.shape[1]
         if q_slot.stride(-1) != 1:
             q_slot = q_slot.contiguous()
         slots, cum = slots.contiguous(), cum.contiguous()
-        raw, new_cum, mixed = _token_read_outputs(q_slot, cum)
         if n:  # no tokens (an emptied working set): no launch, as a grid of zero programs is an error
             _token_read_kernel[(n,)](
                 q_slot, slots, cum, raw, new_cum, mixed, *q_slot.stride()[:2], *mixed.stride()[:2],
@@ -166,4 +170,4 @@ if triton is not None:
 
     @token_read.register_fake
     def _(q_slot, slots, cum, decay, scale, inv_ln_base):
-        return _token_read_outputs(q_slot, cum)
+        return _token_read_outputs(q_slot, slots, cum)
