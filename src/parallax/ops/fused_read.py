@@ -144,8 +144,8 @@ if triton is not None:
                      mask=h_ok[:, None] & d_ok[None, :])
 
     # An opaque custom op rather than a kernel torch.compile traces into: traced, the kernel's
-    # writes into the head-major ``mixed`` were functionalised into copies of an empty buffer,
-    # two (N, H, d) copies per iteration (4.5% of the compiled training step, BENCHMARKS.md)
+    # writes into its outputs were functionalised into copies, about one copy of an empty
+    # (N, H, d) buffer per iteration (4.5% of the compiled training step; BENCHMARKS.md)
 
     @torch.library.custom_op("parallax::fused_read_tokens", mutates_args=())
     def token_read(
