@@ -7,7 +7,8 @@ against an fp64 chunked scan (outputs and every input's gradient), then the time
 chunked scan compiled, with each one's peak memory above its inputs.
 
     python benchmarks/ssm_scan.py out.json           # CUDA only
-    python benchmarks/ssm_scan.py out.json --sweep   # and the Triton scan's launch shapes
+    python benchmarks/ssm_scan.py out.json --sweep   # and the Triton scan's launch shapes:
+        # forward_ms at each forward shape, forward_backward_ms at each backward shape
 """
 
 import argparse
@@ -82,25 +83,38 @@ def main(out: str, sweep: bool) -> None:
 
 
 def launch_shape() -> dict:
-    """The Triton scan's launch shape as it is now (module globals the sweep changes)."""
-    return dict(chunk=triton_scan.CHUNK, block_d=triton_scan.BLOCK_D, num_warps=triton_scan.NUM_WARPS)
+    """The Triton scan's launch shapes as they are now (module globals the sweep changes)."""
+    return dict(chunk=triton_scan.CHUNK, block_d=triton_scan.BLOCK_D, num_warps=triton_scan.NUM_WARPS,
+                backward_block_d=triton_scan.BACKWARD_BLOCK_D, backward_num_warps=triton_scan.BACKWARD_NUM_WARPS)
+
+
+SHAPE_GLOBALS = ("CHUNK", "BLOCK_D", "NUM_WARPS", "BACKWARD_BLOCK_D", "BACKWARD_NUM_WARPS")
 
 
 def launch_shapes(forward_backward, inputs) -> list[dict]:
-    """The Triton scan's time at each (tokens per saved state, channels per program, warps)."""
-    default = triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS
+    """The Triton scan's time at each (tokens per saved state, channels per program, warps):
+    the forward alone at each forward shape, and forward + backward at each backward shape
+    (the forward then at its default channels and warps)."""
+    default = {name: getattr(triton_scan, name) for name in SHAPE_GLOBALS}
     rows = []
     try:
-        for shape in itertools.product((8, 16), (8, 16, 32), (1, 2)):
-            triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = shape
-            row = launch_shape()
+        for chunk, block_d, warps in itertools.product((4, 8), (8, 16, 32), (1, 2, 4)):
+            if block_d * 16 < warps * 64:  # fewer than two state elements per thread
+                continue
+            triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = chunk, block_d, warps
             with torch.no_grad():
-                row["forward_ms"] = do_bench(lambda: selective_scan_triton(*inputs), warmup=5, rep=100)
-            row["forward_backward_ms"] = do_bench(forward_backward, warmup=5, rep=100)
+                forward_ms = do_bench(lambda: selective_scan_triton(*inputs), warmup=5, rep=100)
+            triton_scan.BLOCK_D, triton_scan.NUM_WARPS = default["BLOCK_D"], default["NUM_WARPS"]
+            triton_scan.BACKWARD_BLOCK_D, triton_scan.BACKWARD_NUM_WARPS = block_d, warps
+            row = dict(chunk=chunk, block_d=block_d, num_warps=warps, forward_ms=forward_ms,
+                       forward_backward_ms=do_bench(forward_backward, warmup=5, rep=100))
+            triton_scan.BACKWARD_BLOCK_D, triton_scan.BACKWARD_NUM_WARPS = (
+                default["BACKWARD_BLOCK_D"], default["BACKWARD_NUM_WARPS"])
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
-        triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = default
+        for name, value in default.items():
+            setattr(triton_scan, name, value)
     return rows
 
 

@@ -104,8 +104,11 @@ def check(length, channels, n_state, with_state, with_skip, dtype, chunk_for_bac
 cases = [(37, 40, 5, True, True, torch.float32), (16, 32, 4, False, False, torch.float32),
          (1, 8, 3, True, True, torch.float32), (21, 12, 4, False, True, torch.float16)]
 out = [check(*case) for case in cases]
-for shape in [(16, 32, 2), (4, 8, 1)]:  # other launch shapes (benchmarks/ssm_scan.py --sweep sets them)
-    triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = shape
+# other launch shapes (benchmarks/ssm_scan.py --sweep sets them): chunk, then forward and
+# backward channels and warps
+for shape in [(16, 32, 2, 8, 1), (8, 8, 1, 32, 2)]:
+    (triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS, triton_scan.BACKWARD_BLOCK_D,
+     triton_scan.BACKWARD_NUM_WARPS) = shape
     out.append(check(*cases[0]))
 # the backward walks the forward's chunks even if CHUNK changes in between (here both give two
 # chunks of the 24 tokens, so only using the forward's would tell)

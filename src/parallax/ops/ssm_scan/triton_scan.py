@@ -7,9 +7,10 @@ on an H200 (BENCHMARKS.md). Here one program owns a batch row and a block of cha
 walks the sequence, keeping its (BLOCK_D, N) state in registers; it reads u, delta, B and C
 and writes y, nothing per state element except one state per ``CHUNK`` tokens, saved for the
 backward pass. The backward walks the chunks in reverse: it recomputes a chunk's states from
-the saved one (into a small per-program scratch, read back in reverse) and carries dL/ds back
-through the recurrence (the gradients of B and C come out per block of channels, (B, T, N)
-per block, and are summed after)::
+the saved one, keeps them in registers, and carries dL/ds back through the recurrence (the
+gradients of B and C come out per block of channels, (B, T, N) per block, and are summed
+after). (An earlier backward wrote the recomputed states to a per-program scratch in global
+memory and read them back twice: 1.23x slower forward + backward, BENCHMARKS.md.)::
 
     s_t = a_t * s_{t-1} + delta_t u_t B_t,   a_t = exp(delta_t A),   y_t = C_t . s_t + D u_t
 
@@ -37,11 +38,15 @@ try:
 except ImportError:  # the optional extra (pip install parallax[gpu]) is not installed
     triton = None
 
-# launch shape, from `benchmarks/ssm_scan.py --sweep` on an H200 (32 x 512 tokens, 512
+# launch shapes, from `benchmarks/ssm_scan.py --sweep` on an H200 (32 x 512 tokens, 512
 # channels, N 16): small programs, many of them, hide the latency of the sequential update
-CHUNK = 8  # tokens per saved state, and per unrolled stretch of the loop
+CHUNK = 4  # tokens per saved state, per unrolled stretch of the loops, per states kept by the backward
 BLOCK_D = 16  # channels per program
 NUM_WARPS = 2
+# the backward's own: it keeps a chunk's states and does several times the forward's work per
+# token, so it runs short of registers at the forward's shape (2.04 against 1.16 ms)
+BACKWARD_BLOCK_D = 16
+BACKWARD_NUM_WARPS = 1
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _PRECISIONS = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,7 +115,7 @@ if triton is not None:
         is the forward's (its saved states are ``chunk`` tokens apart)."""
         batch, length, channels = u.shape
         n_state = A.shape[1]
-        n_blocks, n_p2 = triton.cdiv(channels, BLOCK_D), triton.next_power_of_2(n_state)
+        n_blocks, n_p2 = triton.cdiv(channels, BACKWARD_BLOCK_D), triton.next_power_of_2(n_state)
         f32 = dict(dtype=torch.float32)
         grad_u, grad_delta = u.new_empty(batch, length, channels, **f32), u.new_empty(batch, length, channels, **f32)
         grad_a = u.new_empty(batch, channels, n_state, **f32)  # per batch row, summed below
@@ -122,12 +127,11 @@ if triton is not None:
             grad_start.copy_(grad_last if grad_last is not None else torch.zeros_like(grad_start))
             return (grad_u, grad_delta, grad_a.zero_().sum(0), grad_b.sum(1), grad_c.sum(1),
                     grad_skip.zero_().sum(0), grad_start)
-        scratch = u.new_empty(batch * n_blocks * chunk * BLOCK_D * n_p2, **f32)
         _launchable(_scan_backward_kernel)[(batch, n_blocks)](
-            *_contiguous(u, delta, A, B, C), _or(D, u), chunk_states, grad_y.contiguous(), _or(grad_last, u), scratch,
+            *_contiguous(u, delta, A, B, C), _or(D, u), chunk_states, grad_y.contiguous(), _or(grad_last, u),
             grad_u, grad_delta, grad_a, grad_b, grad_c, grad_skip, grad_start, length, channels,
             HAS_SKIP=D is not None, HAS_GRAD_LAST=grad_last is not None,
-            N=n_state, N_P2=n_p2, CHUNK=chunk, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+            N=n_state, N_P2=n_p2, CHUNK=chunk, BLOCK_D=BACKWARD_BLOCK_D, num_warps=BACKWARD_NUM_WARPS,
         )
         return grad_u, grad_delta, grad_a.sum(0), grad_b.sum(1), grad_c.sum(1), grad_skip.sum(0), grad_start
 
@@ -240,7 +244,7 @@ if triton is not None:
     @triton.jit
     def _scan_backward_kernel(
         u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, skip_ptr, chunk_states_ptr, grad_y_ptr, grad_last_ptr,
-        scratch_ptr, grad_u_ptr, grad_delta_ptr, grad_a_ptr, grad_b_ptr, grad_c_ptr, grad_skip_ptr,
+        grad_u_ptr, grad_delta_ptr, grad_a_ptr, grad_b_ptr, grad_c_ptr, grad_skip_ptr,
         grad_start_ptr, length, channels,
         HAS_SKIP: tl.constexpr, HAS_GRAD_LAST: tl.constexpr,
         N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -261,23 +265,27 @@ if triton is not None:
             skip = tl.load(skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
         grad_a = tl.zeros((BLOCK_D, N_P2), dtype=tl.float32)
         grad_skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        # this program's scratch: the CHUNK states of the chunk at hand, (CHUNK, BLOCK_D, N_P2)
-        scratch = scratch_ptr + (row * tl.num_programs(1) + block) * (CHUNK * BLOCK_D * N_P2)
-        local = tl.arange(0, BLOCK_D)[:, None] * N_P2 + n[None, :]
         part = (row * tl.num_programs(1) + block) * length  # this program's rows of grad_b, grad_c (B, blocks, T, N)
         n_chunks = tl.cdiv(length, CHUNK)
         for back in range(0, n_chunks):
             chunk = n_chunks - 1 - back
             saved_at = ((row * n_chunks + chunk) * channels + d[:, None]) * N + n[None, :]
             start = tl.load(chunk_states_ptr + saved_at, mask=dn_ok, other=0.0)
+            # the chunk's states again, from the saved one, kept in registers: a tuple the
+            # unrolled loop grows at the front, (s_last, ..., s_first, start), so that the
+            # reverse walk's j-th token finds the state before it at j + 1. dL/dC_t needs
+            # only s_t, so it is taken here
             s = start
-            for i in tl.static_range(CHUNK):  # the chunk's states again, from the saved one
-                t = row * length + chunk * CHUNK + i
-                d_here, n_here = _present(d, n, chunk * CHUNK + i < length, channels, N)
+            states = (start,)
+            for i in tl.static_range(CHUNK):
+                t_in_row = chunk * CHUNK + i
+                t = row * length + t_in_row
+                d_here, n_here = _present(d, n, t_in_row < length, channels, N)
                 u, dl, b = _token_inputs(u_ptr, delta_ptr, b_ptr, t, d, n, d_here, n_here, channels, N)
+                gy = tl.load(grad_y_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
                 s = tl.exp(dl[:, None] * A) * s + (dl * u)[:, None] * b[None, :]
-                tl.store(scratch + i * BLOCK_D * N_P2 + local, s)
-            tl.debug_barrier()
+                tl.store(grad_c_ptr + (part + t_in_row) * N + n, tl.sum(gy[:, None] * s, axis=0), mask=n_here)
+                states = (s,) + states
             for j in tl.static_range(CHUNK):
                 i = CHUNK - 1 - j
                 t_in_row = chunk * CHUNK + i
@@ -286,11 +294,7 @@ if triton is not None:
                 u, dl, b = _token_inputs(u_ptr, delta_ptr, b_ptr, t, d, n, d_here, n_here, channels, N)
                 gy = tl.load(grad_y_ptr + t * channels + d, mask=d_here, other=0.0).to(tl.float32)
                 c = tl.load(c_ptr + t * N + n, mask=n_here, other=0.0).to(tl.float32)
-                s = tl.load(scratch + i * BLOCK_D * N_P2 + local)
-                if i > 0:
-                    s_before = tl.load(scratch + (i - 1) * BLOCK_D * N_P2 + local)
-                else:
-                    s_before = start
+                s_before = states[j + 1]
                 ds += gy[:, None] * c[None, :]
                 g_u = tl.zeros((BLOCK_D,), dtype=tl.float32)
                 if HAS_SKIP:
@@ -305,9 +309,7 @@ if triton is not None:
                 tl.store(grad_u_ptr + t * channels + d, g_u, mask=d_here)
                 tl.store(grad_delta_ptr + t * channels + d, g_dl, mask=d_here)
                 tl.store(grad_b_ptr + (part + t_in_row) * N + n, tl.sum(ds * (dl * u)[:, None], axis=0), mask=n_here)
-                tl.store(grad_c_ptr + (part + t_in_row) * N + n, tl.sum(gy[:, None] * s, axis=0), mask=n_here)
                 ds = ds * decay
-            tl.debug_barrier()  # the next chunk rewrites the scratch
         tl.store(grad_a_ptr + state_at, grad_a, mask=dn_ok)
         tl.store(grad_skip_ptr + row * channels + d, grad_skip, mask=d_ok)
         tl.store(grad_start_ptr + state_at, ds, mask=dn_ok)
