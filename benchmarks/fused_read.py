@@ -21,6 +21,7 @@ from parallax.bench.throughput import environment, measure_ceilings
 from parallax.ops import fused_read as fr
 
 N, HEADS, HEAD_DIM, SLOTS, DIM = 32 * 512, 8, 64, 6, 512
+FIXED = 2  # of the SLOTS, the token-clocked ones (the SSM's), a tensor of their own as in the model
 DECAY, BASE = 0.9, 2.0
 
 
@@ -32,10 +33,10 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     q = torch.randn(N, HEADS, HEAD_DIM, **bf16)
-    slots = torch.randn(N, SLOTS, DIM, **bf16)
+    fixed, slots = torch.randn(N, FIXED, DIM, **bf16), torch.randn(N, SLOTS - FIXED, DIM, **bf16)
     cum = torch.rand(N, HEADS, SLOTS, device="cuda") + 0.5
     w_k, w_v = (torch.randn(HEADS, HEAD_DIM, DIM, **bf16) / math.sqrt(DIM) for _ in range(2))
-    args = (q, slots, cum, w_k, w_v, DECAY, BASE)
+    args = (q, slots, cum, w_k, w_v, DECAY, BASE, fixed)
     exact = fr.absorbed_read_reference(*(x.double() if torch.is_tensor(x) else x for x in args))
     device = torch.device("cuda")
     report = {**environment(device, torch.bfloat16),
@@ -48,15 +49,16 @@ def main(out: str) -> None:
 
     q_slot = torch.einsum("nhe,hed->nhd", q, w_k)
     raw, new_cum, mixed = torch.empty_like(cum), torch.empty_like(cum), torch.empty_like(q_slot)
-    moved = sum(x.numel() * x.element_size() for x in (q_slot, slots, cum, raw, new_cum, mixed))
+    moved = sum(x.numel() * x.element_size() for x in (q_slot, fixed, slots, cum, raw, new_cum, mixed))
     report["copy_gbs"] = measure_ceilings(device, torch.bfloat16)["copy_gbps"]
     report["kernel"] = []
     for block_d in (64, 128, 256, 512):
         for warps in (1, 2, 4):
             def launch(block_d=block_d, warps=warps):
                 fr._token_read_kernel[(N,)](
-                    q_slot, slots, cum, raw, new_cum, mixed, *q_slot.stride()[:2], *mixed.stride()[:2],
-                    DECAY=DECAY, SCALE=1 / math.sqrt(HEAD_DIM), INV_LN_BASE=1 / math.log(BASE), HEADS=HEADS, HEADS_P2=HEADS, SLOTS=SLOTS, SLOTS_P2=8,
+                    q_slot, fixed, slots, cum, raw, new_cum, mixed, *q_slot.stride()[:2], *mixed.stride()[:2],
+                    DECAY=DECAY, SCALE=1 / math.sqrt(HEAD_DIM), INV_LN_BASE=1 / math.log(BASE), HEADS=HEADS, HEADS_P2=HEADS,
+                    FIXED=FIXED, SLOTS=SLOTS, SLOTS_P2=8,
                     DIM=DIM, BLOCK_D=block_d, num_warps=warps)
             ms = do_bench(launch, warmup=50, rep=300)
             row = dict(block_d=block_d, warps=warps, ms=ms, gbs=moved / ms / 1e6)

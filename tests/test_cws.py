@@ -226,7 +226,11 @@ def test_workspace_step_matches_the_pseudo_code():
             return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
 
         h_eff = rms(h, ws.h_norm.weight)
-        slots = rms(pool(h_eff, context), ws.pool_norm.weight)  # (B, T, S, d)
+        # the token-clocked slots first, then the h-clocked ones, each normalised
+        ssm = pool.experts["ssm"].proposals(pool.experts["ssm"].read(model.embed(ids), None)[0])
+        h_clocked = [pool.experts["attention"](h_eff, *context.probe_kv, None, None, None),
+                     pool.experts["mlp"](h_eff), pool.experts["siren"](h_eff)]
+        slots = rms(torch.cat([ssm, *h_clocked], dim=2), pool.norm.weight)  # (B, T, S, d)
         q = h_eff @ ws.q_proj.weight.T
         k = slots @ ws.k_proj.weight.T
         v = slots @ ws.v_proj.weight.T
@@ -267,8 +271,8 @@ def test_workspace_is_permutation_invariant_over_slots():
             super().__init__()
             self.slots = slots
 
-        def forward(self, h_eff, context):
-            return self.slots
+        def slot_groups(self, h_eff, context):
+            return None, self.slots
 
     with torch.no_grad():
         h1, c1, r1 = ws.step(h, cum, FixedPool(proposals), None)

@@ -261,12 +261,13 @@ def rel(a, b):
 
 out = {"kernel": [], "settle": {}, "train": {}}
 torch.manual_seed(0)
-for n, heads, head_dim, slots, dim, dtype in [
-    (20, 3, 12, 3, 32, torch.float32),  # heads padded to 4, slots to 4
-    (37, 4, 16, 6, 80, torch.float32),  # d not a power of two: the chunk masked
-    (5, 3, 16, 5, 1030, torch.float32),  # three 512-wide chunks, the last masked
-    (33, 2, 32, 6, 64, torch.float16),
-    (50, 8, 16, 5, 100, "mixed"),  # q fp16, slots and cum fp32, as autocast may leave them
+# the last number: how many of the slots come in a tensor of their own (``fixed``), read in place
+for n, heads, head_dim, slots, dim, dtype, n_fixed in [
+    (20, 3, 12, 3, 32, torch.float32, 0),  # heads padded to 4, slots to 4
+    (37, 4, 16, 6, 80, torch.float32, 2),  # d not a power of two: the chunk masked
+    (5, 3, 16, 5, 1030, torch.float32, 1),  # three 512-wide chunks, the last masked
+    (33, 2, 32, 6, 64, torch.float16, 2),
+    (50, 8, 16, 5, 100, "mixed", 3),  # q fp16, slots and cum fp32, as autocast may leave them
 ]:
     mixed = dtype == "mixed"
     dtype = torch.float16 if mixed else dtype
@@ -274,23 +275,28 @@ for n, heads, head_dim, slots, dim, dtype in [
     pool = torch.randn(n, slots, dim, dtype=torch.float32 if mixed else dtype)
     cum = torch.rand(n, heads, slots, dtype=pool.dtype) + 0.5
     w_k, w_v = 0.1 * torch.randn(heads, head_dim, dim), 0.1 * torch.randn(heads, head_dim, dim)
-    fused = fused_read.fused_read(q, pool, cum, w_k, w_v, 0.9, 2.0)
+    fixed = pool[:, :n_fixed].clone() if n_fixed else None
+    fused = fused_read.fused_read(q, pool[:, n_fixed:].clone(), cum, w_k, w_v, 0.9, 2.0, fixed=fixed)
     ref = fused_read.absorbed_read_reference(q.float(), pool.float(), cum.float(), w_k, w_v, 0.9, 2.0)
     out["kernel"].append({"dtype": str(dtype), "errors": [rel(a, b) for a, b in zip(fused, ref)],
                           "dtypes_kept": [x.dtype for x in fused] == [q.dtype, cum.dtype, q.dtype]})
 out["empty"] = [list(x.shape) for x in fused_read.fused_read(q[:0], pool[:0], cum[:0], w_k, w_v, 0.9, 2.0)]
 # the kernel's custom op: its fake (what torch.compile plans with) against the real outputs,
-# for q_slot head-major (as the per-head product leaves it) and token-major
+# for q_slot head-major (as the per-head product leaves it) and token-major, with and without
+# slots of a tensor of their own
 for n, dtype in ((0, torch.float32), (20, torch.float32), (9, torch.bfloat16)):  # bf16 q_slot, fp32 cum
     q_slot = torch.randn(3, n, 40, dtype=dtype).transpose(0, 1)
-    op_args = (torch.randn(n, 5, 40, dtype=dtype), torch.rand(n, 3, 5) + 0.5, 0.9, 0.25, 1.4)
+    fixed, slots = torch.randn(n, 2, 40, dtype=dtype), torch.randn(n, 3, 40, dtype=dtype)
     for layout in (q_slot, q_slot.contiguous()):
-        torch.library.opcheck(fused_read.token_read, (layout, *op_args))
+        torch.library.opcheck(fused_read.token_read, (layout, None, slots, torch.rand(n, 3, 3) + 0.5, 0.9, 0.25, 1.4))
+        torch.library.opcheck(fused_read.token_read, (layout, fixed, slots, torch.rand(n, 3, 5) + 0.5, 0.9, 0.25, 1.4))
 out["opcheck"] = "passed"
-try:  # cum with 4 heads against q_slot's 3
-    fused_read.token_read(q_slot, op_args[0], torch.rand(n, 4, 5), 0.9, 0.25, 1.4)
-except RuntimeError as e:
-    out["mismatch"] = str(e).splitlines()[0]
+out["mismatch"] = []
+for fixed_, cum_ in ((None, torch.rand(n, 4, 3)), (fixed, torch.rand(n, 3, 3))):  # 4 heads, not 3; 3 slots, not 5
+    try:
+        fused_read.token_read(q_slot, fixed_, slots, cum_, 0.9, 0.25, 1.4)
+    except RuntimeError as e:
+        out["mismatch"].append(str(e).splitlines()[0])
 
 def model(read, **knobs):
     torch.manual_seed(0)
@@ -344,7 +350,8 @@ def test_fused_read_under_the_triton_interpreter():
         assert case["dtypes_kept"] and max(case["errors"]) < tol, case
     assert out["empty"] == [[0, 8, 5], [0, 8, 5], [0, 8, 16]]  # no tokens (an emptied working set): no launch
     assert out["opcheck"] == "passed"
-    assert "must be (N, H, d), (N, S, d) and (N, H, S)" in out["mismatch"]  # not an out-of-bounds read
+    assert len(out["mismatch"]) == 2  # not out-of-bounds reads
+    assert all("must be (N, H, d), (N, S_f, d) or None, (N, S, d) and (N, H, S_f + S)" in e for e in out["mismatch"])
     for loop, result in out["settle"].items():
         assert result["same_k"] and result["h"] < 1e-5, (loop, result)
     assert out["settle"]["compact"]["k_values"] > 2  # halting at several K

@@ -51,10 +51,14 @@ def usable(x: Tensor) -> bool:
 
 
 def absorbed_read_reference(
-    q: Tensor, slots: Tensor, cum: Tensor, w_k: Tensor, w_v: Tensor, decay: float, base: float
+    q: Tensor, slots: Tensor, cum: Tensor, w_k: Tensor, w_v: Tensor, decay: float, base: float,
+    fixed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """q (N, H, dh), slots (N, S, d), cum (N, H, S), w_k and w_v (H, dh, d): (raw, cum', read
-    (N, H, dh)), as ``Workspace._absorbed`` and ``Workspace.step`` compute them."""
+    (N, H, dh)), as ``Workspace._absorbed`` and ``Workspace.step`` compute them. ``fixed``
+    (N, S_f, d), if given, are slots before ``slots`` (then cum is (N, H, S_f + S))."""
+    if fixed is not None:
+        slots = torch.cat([fixed, slots], dim=1)
     q_in_slot_space = torch.einsum("nhe,hed->nhd", q, w_k)
     raw = torch.einsum("nhd,nsd->nhs", q_in_slot_space, slots) / math.sqrt(q.shape[-1])
     cum = decay * cum + (1.0 - decay) + raw
@@ -64,9 +68,13 @@ def absorbed_read_reference(
 
 
 def fused_read(
-    q: Tensor, slots: Tensor, cum: Tensor, w_k: Tensor, w_v: Tensor, decay: float, base: float
+    q: Tensor, slots: Tensor, cum: Tensor, w_k: Tensor, w_v: Tensor, decay: float, base: float,
+    fixed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``absorbed_read_reference`` as two weight products and one kernel launch between them.
+    The kernel reads ``fixed`` and ``slots`` where they are (the workspace's token-clocked
+    slots, normalised once per forward, and the h-clocked ones of this iteration), so they
+    are never copied into one tensor.
     cum' comes out in cum's dtype, raw and read in the products' (q's, or autocast's), and the
     weights are cast to it, as the absorbed read's products give and take them under autocast.
     (raw is computed in fp32 and rounded to that dtype, once, after scaling, because the
@@ -76,21 +84,26 @@ def fused_read(
     # q_slot comes out of the per-head product head-major; the kernel reads it in that layout
     q_slot = torch.einsum("nhe,hed->nhd", q, w_k.to(q.dtype))
     raw, new_cum, mixed = token_read(
-        q_slot, slots, cum, decay, 1.0 / math.sqrt(head_dim), 1.0 / math.log(base)
+        q_slot, fixed, slots, cum, decay, 1.0 / math.sqrt(head_dim), 1.0 / math.log(base)
     )
     read = torch.einsum("nhd,hed->nhe", mixed, w_v.to(q.dtype))
     return raw, new_cum, read
 
 
-def _token_read_outputs(q_slot: Tensor, slots: Tensor, cum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _token_read_outputs(
+    q_slot: Tensor, fixed: Tensor | None, slots: Tensor, cum: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Empty (raw, cum', mixed) for the token read, once the shapes are checked: raw in q_slot's
     dtype, cum' in cum's, mixed head-major (for the per-head product that reads it)."""
     n, heads, dim = q_slot.shape
+    n_fixed = 0 if fixed is None else fixed.shape[1]
     torch._check(
         slots.dim() == 3 and slots.shape[0] == n and slots.shape[2] == dim
-        and tuple(cum.shape) == (n, heads, slots.shape[1]),
-        lambda: f"fused read: q_slot {tuple(q_slot.shape)}, slots {tuple(slots.shape)} and cum "
-        f"{tuple(cum.shape)} must be (N, H, d), (N, S, d) and (N, H, S)",
+        and (fixed is None or (fixed.dim() == 3 and fixed.shape[0] == n and fixed.shape[2] == dim))
+        and tuple(cum.shape) == (n, heads, n_fixed + slots.shape[1]),
+        lambda: f"fused read: q_slot {tuple(q_slot.shape)}, fixed "
+        f"{None if fixed is None else tuple(fixed.shape)}, slots {tuple(slots.shape)} and cum "
+        f"{tuple(cum.shape)} must be (N, H, d), (N, S_f, d) or None, (N, S, d) and (N, H, S_f + S)",
     )
     raw = torch.empty(cum.shape, dtype=q_slot.dtype, device=cum.device)
     new_cum = torch.empty(cum.shape, dtype=cum.dtype, device=cum.device)
@@ -101,13 +114,28 @@ def _token_read_outputs(q_slot: Tensor, slots: Tensor, cum: Tensor) -> tuple[Ten
 if triton is not None:
 
     @triton.jit
+    def _token_slots(fixed_ptr, slots_ptr, token, s, d, s_ok, d_ok, FIXED: tl.constexpr, SLOTS: tl.constexpr,
+                     DIM: tl.constexpr):
+        """The token's slots s at columns d, fp32: s < FIXED from fixed (N, FIXED, d), the rest
+        from slots (N, SLOTS - FIXED, d)."""
+        own = s - FIXED
+        rows = (token * (SLOTS - FIXED) + own) * DIM
+        sl = tl.load(slots_ptr + rows[:, None] + d[None, :], mask=(s_ok & (own >= 0))[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        if FIXED > 0:
+            fixed_rows = (token * FIXED + s) * DIM
+            sl += tl.load(fixed_ptr + fixed_rows[:, None] + d[None, :], mask=(s < FIXED)[:, None] & d_ok[None, :],
+                          other=0.0).to(tl.float32)
+        return sl
+
+    @triton.jit
     def _token_read_kernel(
-        q_slot_ptr, slots_ptr, cum_ptr, raw_ptr, new_cum_ptr, mixed_ptr,
+        q_slot_ptr, fixed_ptr, slots_ptr, cum_ptr, raw_ptr, new_cum_ptr, mixed_ptr,
         q_token_stride, q_head_stride, mixed_token_stride, mixed_head_stride,  # (N, H, d), d contiguous
         DECAY: tl.constexpr, SCALE: tl.constexpr, INV_LN_BASE: tl.constexpr,  # of the config: folded in,
         # one build per configuration
-        HEADS: tl.constexpr, HEADS_P2: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr,
-        DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEADS: tl.constexpr, HEADS_P2: tl.constexpr, FIXED: tl.constexpr, SLOTS: tl.constexpr,
+        SLOTS_P2: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # SLOTS: all, FIXED ones included
     ):
         token = tl.program_id(0).to(tl.int64)  # 64-bit offsets
         h = tl.arange(0, HEADS_P2)
@@ -117,14 +145,13 @@ if triton is not None:
         s_ok = s < SLOTS
         q_rows = token * q_token_stride + h.to(tl.int64) * q_head_stride
         mixed_rows = token * mixed_token_stride + h.to(tl.int64) * mixed_head_stride
-        slot_rows = (token * SLOTS + s) * DIM  # slots: (N, S, d)
         scores = tl.zeros((HEADS_P2, SLOTS_P2), dtype=tl.float32)
         for d0 in range(0, DIM, BLOCK_D):
             d = d0 + dd
             d_ok = d < DIM
             qs = tl.load(q_slot_ptr + q_rows[:, None] + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-            sl = tl.load(slots_ptr + slot_rows[:, None] + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-            scores += tl.sum(qs.to(tl.float32)[:, None, :] * sl.to(tl.float32)[None, :, :], axis=2)
+            sl = _token_slots(fixed_ptr, slots_ptr, token, s, d, s_ok, d_ok, FIXED, SLOTS, DIM)
+            scores += tl.sum(qs.to(tl.float32)[:, None, :] * sl[None, :, :], axis=2)
         hs_ok = h_ok[:, None] & s_ok[None, :]
         hs = (token * HEADS + h[:, None]) * SLOTS + s[None, :]  # (H, S) into (N, H, S)
         raw = scores * SCALE
@@ -138,8 +165,8 @@ if triton is not None:
         for d0 in range(0, DIM, BLOCK_D):
             d = d0 + dd
             d_ok = d < DIM
-            sl = tl.load(slots_ptr + slot_rows[:, None] + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-            mixed = tl.sum(weights[:, :, None] * sl.to(tl.float32)[None, :, :], axis=1)  # (H, BD)
+            sl = _token_slots(fixed_ptr, slots_ptr, token, s, d, s_ok, d_ok, FIXED, SLOTS, DIM)
+            mixed = tl.sum(weights[:, :, None] * sl[None, :, :], axis=1)  # (H, BD)
             tl.store(mixed_ptr + mixed_rows[:, None] + d[None, :], mixed.to(mixed_ptr.dtype.element_ty),
                      mask=h_ok[:, None] & d_ok[None, :])
 
@@ -149,25 +176,28 @@ if triton is not None:
 
     @torch.library.custom_op("parallax::fused_read_tokens", mutates_args=())
     def token_read(
-        q_slot: Tensor, slots: Tensor, cum: Tensor, decay: float, scale: float, inv_ln_base: float
+        q_slot: Tensor, fixed: Tensor | None, slots: Tensor, cum: Tensor, decay: float, scale: float,
+        inv_ln_base: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The kernel's part: (raw, cum', mixed (N, H, d)) from q_slot (N, H, d), slots (N, S, d)
-        and cum (N, H, S)."""
-        raw, new_cum, mixed = _token_read_outputs(q_slot, slots, cum)
-        (n, heads, dim), n_slots = q_slot.shape, slots.shape[1]
+        """The kernel's part: (raw, cum', mixed (N, H, d)) from q_slot (N, H, d), the slots
+        fixed (N, S_f, d) or None and slots (N, S, d), and cum (N, H, S_f + S)."""
+        raw, new_cum, mixed = _token_read_outputs(q_slot, fixed, slots, cum)
+        n, heads, dim = q_slot.shape
+        n_fixed = 0 if fixed is None else fixed.shape[1]
         if q_slot.stride(-1) != 1:
             q_slot = q_slot.contiguous()
         slots, cum = slots.contiguous(), cum.contiguous()
+        fixed = slots if fixed is None else fixed.contiguous()  # not read when there are none
         if n:  # no tokens (an emptied working set): no launch, as a grid of zero programs is an error
             _token_read_kernel[(n,)](
-                q_slot, slots, cum, raw, new_cum, mixed, *q_slot.stride()[:2], *mixed.stride()[:2],
+                q_slot, fixed, slots, cum, raw, new_cum, mixed, *q_slot.stride()[:2], *mixed.stride()[:2],
                 DECAY=decay, SCALE=scale, INV_LN_BASE=inv_ln_base,
-                HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), SLOTS=n_slots,
-                SLOTS_P2=triton.next_power_of_2(n_slots), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
+                HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), FIXED=n_fixed, SLOTS=n_fixed + slots.shape[1],
+                SLOTS_P2=triton.next_power_of_2(n_fixed + slots.shape[1]), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
                 num_warps=NUM_WARPS,
             )
         return raw, new_cum, mixed
 
     @token_read.register_fake
-    def _(q_slot, slots, cum, decay, scale, inv_ln_base):
-        return _token_read_outputs(q_slot, slots, cum)
+    def _(q_slot, fixed, slots, cum, decay, scale, inv_ln_base):
+        return _token_read_outputs(q_slot, fixed, slots, cum)

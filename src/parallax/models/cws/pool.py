@@ -2,8 +2,11 @@
 
 ``token_clocked`` runs once per forward over the new tokens: the SSM scan, the attention
 probe's keys/values, and the observation that starts the workspace. ``forward`` runs every
-iteration: it asks each expert for its slots given h_eff and concatenates them in the
-configured order into (B, T, S_total, d). The workspace normalises the pool itself.
+iteration: it asks each h-clocked expert for its slots given h_eff, and returns every
+expert's slots, each RMS-normalised, as (B, T, S_total, d): the token-clocked experts' first
+(normalised once per forward, in ``token_clocked``, not at every iteration), then the
+h-clocked ones, each group in the configured order. The workspace is permutation-invariant
+over slots, so the order only has to be the same at every iteration.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ class TokenContext:
     """What the token-clocked pass leaves for the iterations over positions [start, start+T).
 
     ``observation`` (B, T, d) is the token's own reading (embedding, plus the SSM read when
-    the pool has an SSM); ``fixed`` holds token-clocked proposals (B, T, S, d) by expert name;
+    the pool has an SSM); ``fixed`` holds token-clocked slots (B, T, S, d), normalised, by
+    expert name;
     ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T, or for
     CUDA graphs in incremental decoding the cache's whole buffers (L = max_len), with
     ``probe_start`` the first token's position as a 0-dim device tensor (see ``AttentionProbe``);
@@ -87,6 +91,7 @@ class ExpertPool(nn.Module):
             else:
                 experts[name] = SirenPrior(d, slots, cfg.siren_hidden, cfg.siren_omega)
         self.experts = nn.ModuleDict(experts)
+        self.norm = RMSNorm(d, cfg.norm_eps)  # of every slot, as the pool's pseudo-code says
         h_clocked = any(name != "ssm" for name in cfg.experts)
         self.ground = (
             nn.Sequential(RMSNorm(d, cfg.norm_eps), nn.Linear(d, d, bias=False))
@@ -122,7 +127,7 @@ class ExpertPool(nn.Module):
         if "ssm" in self.experts:
             ssm = self.experts["ssm"]
             read, state = ssm.read(x, cache.ssm_state if cache is not None else None)
-            context.fixed["ssm"] = ssm.proposals(read)
+            context.fixed["ssm"] = self.norm(ssm.proposals(read))
             context.observation = x + read
             if cache is not None:
                 cache.ssm_state = state
@@ -148,15 +153,24 @@ class ExpertPool(nn.Module):
 
     def forward(self, h_eff: Tensor, context: TokenContext) -> Tensor:
         """Every expert's slots for state h_eff (B, T, d), or (1, N, d) for the tokens of a
-        ``TokenContext.select``: (B, T, S_total, d) or (1, N, S_total, d)."""
+        ``TokenContext.select``: (B, T, S_total, d) or (1, N, S_total, d), normalised."""
+        return torch.cat([group for group in self.slot_groups(h_eff, context) if group is not None], dim=2)
+
+    def slot_groups(self, h_eff: Tensor, context: TokenContext) -> tuple[Tensor | None, Tensor | None]:
+        """``forward``'s slots in two groups, (token-clocked, h-clocked), None where the pool
+        has no expert of that kind: a reader that takes both (the fused read) saves the copy of
+        the token-clocked slots into the concatenation at every iteration."""
+        fixed = list(context.fixed.values())
+        token_clocked = fixed[0] if len(fixed) == 1 else torch.cat(fixed, dim=2) if fixed else None
         if context.grounding is not None:
             h_eff = h_eff + context.grounding
         proposals = []
         for name, expert in self.experts.items():
             if name in context.fixed:
-                proposals.append(context.fixed[name])
-            elif name == "attention":
+                continue
+            if name == "attention":
                 proposals.append(expert(h_eff, *context.probe_kv, context.rows, context.grid, context.probe_start))
             else:
                 proposals.append(expert(h_eff))
-        return torch.cat(proposals, dim=2)
+        h_clocked = self.norm(torch.cat(proposals, dim=2)) if proposals else None
+        return token_clocked, h_clocked

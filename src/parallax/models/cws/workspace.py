@@ -19,7 +19,8 @@ slots, and its scores cost 2 H S d per token instead of 2 S d (BENCHMARKS.md has
 
 Shapes: h (B, T, d); cum and raw (B, T, H, S). Nothing here knows a slot's index or a
 token's position, so the workspace is permutation-invariant over slots; order enters only
-through the experts.
+through the experts. The pool normalises its slots itself (``ExpertPool``), the token-clocked
+ones once per forward.
 
 Starting point (chosen in ``initial_state``): h_0 is the token's observation (its embedding,
 plus the SSM read when the pool has one) and cum_0 = 1. h_0 must depend on the token, or the
@@ -54,7 +55,6 @@ class Workspace(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, dim // cfg.n_heads
         self.decay, self.base = cfg.decay, cfg.base
         self.h_norm = RMSNorm(dim, cfg.norm_eps)
-        self.pool_norm = RMSNorm(dim, cfg.norm_eps)
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
@@ -70,10 +70,11 @@ class Workspace(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One iteration: returns (h_next (B, T, d), cum_next (B, T, H, S), raw (B, T, H, S))."""
         h_eff = self.h_norm(h)
-        slots = self.pool_norm(pool(h_eff, context))  # (B, T, S, d)
+        fixed, moving = pool.slot_groups(h_eff, context)  # token- and h-clocked, (B, T, S_i, d)
         q = self.q_proj(h_eff).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, dh)
         if self.config.read == "fused" and not torch.is_grad_enabled() and fused_read.usable(q):
-            return self._fused(q, slots, cum)
+            return self._fused(q, fixed, moving, cum)
+        slots = torch.cat([group for group in (fixed, moving) if group is not None], dim=2)  # (B, T, S, d)
         if self.config.read in ("absorbed", "fused"):
             raw, read_of = self._absorbed(q, slots)
         else:
@@ -82,13 +83,17 @@ class Workspace(nn.Module):
         weights = torch.log1p(F.silu(cum)) / math.log(self.base)
         return self.o_proj(read_of(weights).flatten(-2)), cum, raw
 
-    def _fused(self, q: Tensor, slots: Tensor, cum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The absorbed read, cum and weights in one Triton kernel (no gradient)."""
+    def _fused(self, q: Tensor, fixed: Tensor | None, moving: Tensor | None, cum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The absorbed read, cum and weights in one Triton kernel (no gradient), which reads
+        the two groups of slots where they are."""
         w_k = self.k_proj.weight.view(self.n_heads, self.head_dim, -1)
         w_v = self.v_proj.weight.view(self.n_heads, self.head_dim, -1)
         lead = q.shape[:-2]
+        if moving is None:  # a pool of token-clocked experts only
+            fixed, moving = None, fixed
         raw, cum, read = fused_read.fused_read(
-            q.flatten(0, -3), slots.flatten(0, -3), cum.flatten(0, -3), w_k, w_v, self.decay, self.base
+            q.flatten(0, -3), moving.flatten(0, -3), cum.flatten(0, -3), w_k, w_v, self.decay, self.base,
+            fixed=None if fixed is None else fixed.flatten(0, -3),
         )
         return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
 
