@@ -316,6 +316,18 @@ for loop, halting in (("reference", False), ("compact", True)):
     f, a = settled["fused"], settled["absorbed"]
     out["settle"][loop] = {"h": rel(f.h, a.h), "same_k": bool(torch.equal(f.k_used, a.k_used)),
                            "k_values": len(a.k_used.unique())}
+# pools of one kind of expert: token-clocked slots only (the kernel then reads them as its one
+# group) and h-clocked only
+out["one_kind"] = []
+for experts, slots in ((("ssm",), (3,)), (("mlp", "siren"), (2, 1))):
+    settled = {}
+    for read in ("fused", "absorbed"):
+        m = model(read, experts=experts, slots=slots).eval()
+        with torch.no_grad():
+            context = m.pool.token_clocked(m.embed(ids), 0, None)
+            settled[read] = settle(m.workspace, m.pool, context, k_max=6, k_min=1, halting=False, rule="first",
+                                   tol=0.3, live_steps=0, loop="reference")
+    out["one_kind"].append(rel(settled["fused"].h, settled["absorbed"].h))
 grads = {}
 for read in ("fused", "absorbed"):
     m = model(read, k_max=6, halting=False, live_steps=2).train()
@@ -333,8 +345,9 @@ def test_fused_read_under_the_triton_interpreter():
     """The kernel against ``absorbed_read_reference`` on random inputs (fp32 near 1e-6, fp16 below
     1e-2); its custom op's fake outputs against the real ones (``torch.library.opcheck``) and its
     error on shapes that disagree; and a model with ``read="fused"`` against one with the absorbed
-    read: the same settled states and K (halting off and on), the same loss and gradients (the
-    live steps with grad run the PyTorch read, the others the kernel)."""
+    read: the same settled states and K (halting off and on; also for pools of token-clocked or
+    h-clocked experts only), the same loss and gradients (the live steps with grad run the
+    PyTorch read, the others the kernel)."""
     pytest.importorskip("triton", reason="the fused read needs triton (pip install parallax[gpu])")
     import json
     import os
@@ -355,6 +368,7 @@ def test_fused_read_under_the_triton_interpreter():
     for loop, result in out["settle"].items():
         assert result["same_k"] and result["h"] < 1e-5, (loop, result)
     assert out["settle"]["compact"]["k_values"] > 2  # halting at several K
+    assert len(out["one_kind"]) == 2 and max(out["one_kind"]) < 1e-5, out["one_kind"]
     assert out["train"]["same_names"] and out["train"]["loss"] < 1e-5 and out["train"]["grads"] < 1e-4, out["train"]
 
 

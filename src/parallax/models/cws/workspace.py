@@ -70,11 +70,11 @@ class Workspace(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One iteration: returns (h_next (B, T, d), cum_next (B, T, H, S), raw (B, T, H, S))."""
         h_eff = self.h_norm(h)
-        fixed, moving = pool.slot_groups(h_eff, context)  # token- and h-clocked, (B, T, S_i, d)
+        token_clocked, h_clocked = pool.slot_groups(h_eff, context)  # (B, T, S_i, d) each, or None
         q = self.q_proj(h_eff).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, dh)
         if self.config.read == "fused" and not torch.is_grad_enabled() and fused_read.usable(q):
-            return self._fused(q, fixed, moving, cum)
-        slots = torch.cat([group for group in (fixed, moving) if group is not None], dim=2)  # (B, T, S, d)
+            return self._fused(q, token_clocked, h_clocked, cum)
+        slots = torch.cat([group for group in (token_clocked, h_clocked) if group is not None], dim=2)  # (B, T, S, d)
         if self.config.read in ("absorbed", "fused"):
             raw, read_of = self._absorbed(q, slots)
         else:
@@ -83,17 +83,19 @@ class Workspace(nn.Module):
         weights = torch.log1p(F.silu(cum)) / math.log(self.base)
         return self.o_proj(read_of(weights).flatten(-2)), cum, raw
 
-    def _fused(self, q: Tensor, fixed: Tensor | None, moving: Tensor | None, cum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _fused(
+        self, q: Tensor, token_clocked: Tensor | None, h_clocked: Tensor | None, cum: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The absorbed read, cum and weights in one Triton kernel (no gradient), which reads
         the two groups of slots where they are."""
         w_k = self.k_proj.weight.view(self.n_heads, self.head_dim, -1)
         w_v = self.v_proj.weight.view(self.n_heads, self.head_dim, -1)
         lead = q.shape[:-2]
-        if moving is None:  # a pool of token-clocked experts only
-            fixed, moving = None, fixed
+        if h_clocked is None:  # a pool of token-clocked experts only
+            token_clocked, h_clocked = None, token_clocked
         raw, cum, read = fused_read.fused_read(
-            q.flatten(0, -3), moving.flatten(0, -3), cum.flatten(0, -3), w_k, w_v, self.decay, self.base,
-            fixed=None if fixed is None else fixed.flatten(0, -3),
+            q.flatten(0, -3), h_clocked.flatten(0, -3), cum.flatten(0, -3), w_k, w_v, self.decay, self.base,
+            fixed=None if token_clocked is None else token_clocked.flatten(0, -3),
         )
         return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
 
