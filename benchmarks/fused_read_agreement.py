@@ -42,7 +42,9 @@ HALTING = dict(k_max=12, k_min=1, halting=True, rule="first", tol=0.3, live_step
 def emulated_read(raw_fp32: bool):
     """``fused_read.fused_read`` in PyTorch with the kernel's precision."""
 
-    def read(q, slots, cum, w_k, w_v, decay, base):
+    def read(q, slots, cum, w_k, w_v, decay, base, fixed=None):
+        if fixed is not None:  # the kernel reads these slots first, in place
+            slots = torch.cat([fixed, slots], dim=1)
         q_slot = torch.einsum("nhe,hed->nhd", q, w_k.to(q.dtype))
         with torch.autocast(q.device.type, enabled=False):
             raw = torch.einsum("nhd,nsd->nhs", q_slot.float(), slots.float()) / math.sqrt(q.shape[-1])

@@ -182,7 +182,8 @@ def test_triton_scan_on_cuda(compiled):
 def test_triton_scan_refuses_shapes_it_would_misread(monkeypatch):
     """The kernels index every input at its exact shape, so a broadcastable one (which the
     PyTorch scans accept) is refused before any launch, in one line naming it; fp64, which
-    they would compute in fp32, is left to the chunked scan."""
+    they would compute in fp32, is left to the chunked scan, and so is everything with a
+    Triton older than 3.3, which cannot compile the backward's tuples."""
     pytest.importorskip("triton")
     from parallax.ops.ssm_scan import selective_scan_triton, triton_scan
 
@@ -192,4 +193,7 @@ def test_triton_scan_refuses_shapes_it_would_misread(monkeypatch):
     with pytest.raises(ValueError, match=r"D has shape \(\), expected \(5,\)"):
         selective_scan_triton(u, delta, A, B, C, D[0], state)
     monkeypatch.setattr(triton_scan, "INTERPRETED", True)  # as if on a device the kernels run on
+    monkeypatch.setattr(triton_scan, "TRITON_HAS_TUPLES", True)
     assert triton_scan.usable(u) and not triton_scan.usable(u.double())
+    monkeypatch.setattr(triton_scan, "TRITON_HAS_TUPLES", False)  # a Triton before 3.3: the chunked scan
+    assert not triton_scan.usable(u)

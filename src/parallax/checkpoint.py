@@ -44,7 +44,8 @@ WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
 META = "meta.json"
 # Bump whenever a change to this layout, the config or the weights stops older runs from loading.
-RUN_FORMAT_VERSION = 1
+# 2: the CWS slot norm moved from the workspace to the pool (its name and the parameter order)
+RUN_FORMAT_VERSION = 2
 
 
 def _sha256(path: Path) -> str:

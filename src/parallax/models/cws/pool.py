@@ -91,7 +91,7 @@ class ExpertPool(nn.Module):
             else:
                 experts[name] = SirenPrior(d, slots, cfg.siren_hidden, cfg.siren_omega)
         self.experts = nn.ModuleDict(experts)
-        self.norm = RMSNorm(d, cfg.norm_eps)  # of every slot, as the pool's pseudo-code says
+        self.norm = RMSNorm(d, cfg.norm_eps)  # of every slot (the workspace's pseudo-code: pool = RMSNorm(...))
         h_clocked = any(name != "ssm" for name in cfg.experts)
         self.ground = (
             nn.Sequential(RMSNorm(d, cfg.norm_eps), nn.Linear(d, d, bias=False))

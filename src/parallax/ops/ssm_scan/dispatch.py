@@ -2,8 +2,9 @@
 
 mamba-ssm's fused CUDA kernel (an optional extra: ``pip install parallax[mamba]``) is used
 when it imports, the inputs live on CUDA and the scan starts from a zero state (the kernel
-takes no initial state). Otherwise, on CUDA with Triton installed (``parallax[gpu]``) and in
-fp16, bf16 or fp32, the Triton scan; everywhere else the chunked PyTorch scan.
+takes no initial state). Otherwise, on CUDA with Triton 3.3 or later installed
+(``parallax[gpu]``) and in fp16, bf16 or fp32, the Triton scan; everywhere else the chunked
+PyTorch scan.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ backward pass. The backward walks the chunks in reverse: it recomputes a chunk's
 the saved one, keeps them in registers, and carries dL/ds back through the recurrence (the
 gradients of B and C come out per block of channels, (B, T, N) per block, and are summed
 after). (An earlier backward wrote the recomputed states to a per-program scratch in global
-memory and read them back twice: 1.23x slower forward + backward, BENCHMARKS.md.)::
+memory and read them back twice; at its best launch shape forward + backward took 1.42 ms
+against this one's 1.16 at its own, BENCHMARKS.md.)::
 
     s_t = a_t * s_{t-1} + delta_t u_t B_t,   a_t = exp(delta_t A),   y_t = C_t . s_t + D u_t
 
@@ -40,22 +41,27 @@ except ImportError:  # the optional extra (pip install parallax[gpu]) is not ins
 
 # launch shapes, from `benchmarks/ssm_scan.py --sweep` on an H200 (32 x 512 tokens, 512
 # channels, N 16): small programs, many of them, hide the latency of the sequential update
-CHUNK = 4  # tokens per saved state, per unrolled stretch of the loops, per states kept by the backward
+CHUNK = 4  # tokens per saved state and per unrolled stretch of the loops (the backward keeps CHUNK + 1 states)
 BLOCK_D = 16  # channels per program
 NUM_WARPS = 2
 # the backward's own: it keeps a chunk's states and does several times the forward's work per
-# token, so it runs short of registers at the forward's shape (2.04 against 1.16 ms)
+# token, so with the forward's 2 warps it runs short of registers (forward + backward 1.97
+# against 1.16 ms with 1 warp)
 BACKWARD_BLOCK_D = 16
 BACKWARD_NUM_WARPS = 1
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _PRECISIONS = (torch.float16, torch.bfloat16, torch.float32)
+# the backward keeps a chunk's states in a tuple of tensors, which Triton compiles from 3.3 on;
+# with an older Triton the dispatcher takes the chunked scan
+TRITON_HAS_TUPLES = triton is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 3)
 
 
 def usable(u: Tensor) -> bool:
-    """Whether the kernels can run on ``u``: Triton is installed, the tensors are on CUDA (or
-    Triton interprets on CPU), and in a precision the fp32 arithmetic keeps (not fp64)."""
-    return triton is not None and (u.is_cuda or INTERPRETED) and u.dtype in _PRECISIONS
+    """Whether the kernels can run on ``u``: Triton 3.3 or later is installed, the tensors are
+    on CUDA (or Triton interprets on CPU), and in a precision the fp32 arithmetic keeps (not
+    fp64)."""
+    return TRITON_HAS_TUPLES and (u.is_cuda or INTERPRETED) and u.dtype in _PRECISIONS
 
 
 def selective_scan_triton(
