@@ -5,7 +5,9 @@ training batch (32 x 512), in bf16: first the error of both against an fp32 refe
 time of the absorbed read (four einsums and the update), of ``fused_read`` (two weight products
 and the kernel, at the module's launch shape), and of the kernel alone for a few chunk widths
 and warp counts, with the kernel's bytes over its time against the copy bandwidth measured in
-the same run.
+the same run. Last, at decoding's sizes (1 and 64 tokens), the wall time of a call, host
+included (what eager decoding pays per iteration): the absorbed read, ``fused_read`` with the
+token-clocked slots in a tensor of their own, and with all slots in one.
 
     python benchmarks/fused_read.py out.json       # CUDA only
 """
@@ -13,6 +15,7 @@ the same run.
 import json
 import math
 import sys
+import time
 
 import torch
 from triton.testing import do_bench
@@ -66,9 +69,35 @@ def main(out: str) -> None:
             report["kernel"].append(row)
             print(row, flush=True)
     report["fastest"] = min(report["kernel"], key=lambda row: row["ms"])
+    report["decode_call_us"] = decode_call_times(q, fixed, slots, cum, w_k, w_v)
     print(json.dumps({k: v for k, v in report.items() if k != "kernel"}, indent=1))
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def decode_call_times(q, fixed, slots, cum, w_k, w_v, calls: int = 500) -> list[dict]:
+    """Microseconds per call, host included, of the reads at decoding's token counts: a call's
+    launches are queued back to back and the device waited for once at the end."""
+    rows = []
+    for n in (1, 64):
+        args = (q[:n], slots[:n], cum[:n], w_k, w_v, DECAY, BASE)
+        together = torch.cat([fixed[:n], slots[:n]], dim=1)
+        reads = {"absorbed": lambda: fr.absorbed_read_reference(*args, fixed[:n]),
+                 "fused_two_groups": lambda: fr.fused_read(*args, fixed=fixed[:n]),
+                 "fused_one_group": lambda: fr.fused_read(q[:n], together, *args[2:])}
+        row = {"tokens": n}
+        for name, read in reads.items():
+            for _ in range(20):
+                read()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                read()
+            torch.cuda.synchronize()
+            row[name] = (time.perf_counter() - start) / calls * 1e6
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
