@@ -108,8 +108,6 @@ def launch_shapes(forward_backward, inputs) -> list[dict]:
             triton_scan.BACKWARD_BLOCK_D, triton_scan.BACKWARD_NUM_WARPS = block_d, warps
             row = dict(chunk=chunk, block_d=block_d, num_warps=warps, forward_ms=forward_ms,
                        forward_backward_ms=do_bench(forward_backward, warmup=5, rep=100))
-            triton_scan.BACKWARD_BLOCK_D, triton_scan.BACKWARD_NUM_WARPS = (
-                default["BACKWARD_BLOCK_D"], default["BACKWARD_NUM_WARPS"])
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:

@@ -183,7 +183,7 @@ if triton is not None:
         fixed (N, S_f, d) or None and slots (N, S, d), and cum (N, H, S_f + S)."""
         raw, new_cum, mixed = _token_read_outputs(q_slot, fixed, slots, cum)
         n, heads, dim = q_slot.shape
-        n_fixed = 0 if fixed is None else fixed.shape[1]
+        n_slots = cum.shape[2]  # all of them, the ``fixed`` ones first
         if q_slot.stride(-1) != 1:
             q_slot = q_slot.contiguous()
         slots, cum = slots.contiguous(), cum.contiguous()
@@ -192,8 +192,8 @@ if triton is not None:
             _token_read_kernel[(n,)](
                 q_slot, fixed, slots, cum, raw, new_cum, mixed, *q_slot.stride()[:2], *mixed.stride()[:2],
                 DECAY=decay, SCALE=scale, INV_LN_BASE=inv_ln_base,
-                HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), FIXED=n_fixed, SLOTS=n_fixed + slots.shape[1],
-                SLOTS_P2=triton.next_power_of_2(n_fixed + slots.shape[1]), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
+                HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), FIXED=n_slots - slots.shape[1], SLOTS=n_slots,
+                SLOTS_P2=triton.next_power_of_2(n_slots), DIM=dim, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(dim)),
                 num_warps=NUM_WARPS,
             )
         return raw, new_cum, mixed
