@@ -61,7 +61,7 @@ def settled(read: str, ids: torch.Tensor, bf16: bool, compile_step: bool):
     torch.manual_seed(0)
     model = build_model(CWSConfig(**MODEL, read=read)).eval().to(ids.device)
     with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        context = model.pool.token_clocked(model.embed(ids), None)
         return settle(model.workspace, model.pool, context, compile_step=compile_step, **HALTING)
 
 

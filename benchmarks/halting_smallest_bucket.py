@@ -40,7 +40,7 @@ def main(out: str, tol: float = 0.5) -> None:
     cfg = model.config
     report = {"device": torch.cuda.get_device_name(), "tol": tol}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        context = model.pool.token_clocked(model.embed(ids), None)
         knobs = dict(compile_step=True, cuda_graph=True)
         report["off_ms"], _ = median_ms(settle_call(model, context, halting=False, tol=0.0, loop="reference", **knobs))
         for smallest in SMALLEST:

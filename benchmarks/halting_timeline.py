@@ -48,7 +48,7 @@ def main(out: str, tol: float = 0.5) -> None:
     cfg = model.config
     report = {"device": torch.cuda.get_device_name(), "tol": tol}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        context = model.pool.token_clocked(model.embed(ids), None)
         for name, knobs in {"off": dict(halting=False, tol=0.0, loop="reference"),
                             "compact": dict(halting=True, tol=tol, loop="compact")}.items():
             call = settle_call(model, context, compile_step=True, cuda_graph=True, **knobs)

@@ -131,7 +131,7 @@ def test_incremental_equals_full_forward_attention_substrate(probe_keys):
 
 def settled(model, ids, **knobs):
     with torch.no_grad():
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        context = model.pool.token_clocked(model.embed(ids), None)
         args = dict(k_max=8, k_min=1, halting=True, rule="first", tol=0.6, live_steps=0)
         args.update(knobs)
         return settle(model.workspace, model.pool, context, **args)
@@ -219,7 +219,7 @@ def test_workspace_step_matches_the_pseudo_code():
     h = torch.randn(b, t, d, generator=g)
     cum = torch.randn(b, t, heads, pool.total_slots, generator=g)
     with torch.no_grad():
-        context = pool.token_clocked(model.embed(ids), 0, None)
+        context = pool.token_clocked(model.embed(ids), None)
         h_next, cum_next, raw = ws.step(h, cum, pool, context)
 
         def rms(x, weight):

@@ -52,7 +52,7 @@ def tokens(batch=3, length=16, seed=0):
 
 def settle_with(model, ids, loop, **knobs):
     with torch.no_grad():
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        context = model.pool.token_clocked(model.embed(ids), None)
         args = dict(k_max=12, k_min=1, halting=True, rule="first", tol=0.3, live_steps=0)
         args.update(knobs)
         return settle(model.workspace, model.pool, context, loop=loop, **args)
@@ -178,7 +178,7 @@ def random_step_inputs(model, batch=3, length=16, seed=0):
     h = torch.randn(batch, length, d, generator=g).to(device)
     cum = (1 + torch.randn(batch, length, heads, model.pool.total_slots, generator=g)).to(device)
     with torch.no_grad():
-        context = model.pool.token_clocked(model.embed(tokens(batch, length, seed).to(device)), 0, None)
+        context = model.pool.token_clocked(model.embed(tokens(batch, length, seed).to(device)), None)
     return h, cum, context
 
 
@@ -310,7 +310,7 @@ for loop, halting in (("reference", False), ("compact", True)):
     for read in ("fused", "absorbed"):
         m = model(read).eval()
         with torch.no_grad():
-            context = m.pool.token_clocked(m.embed(ids), 0, None)
+            context = m.pool.token_clocked(m.embed(ids), None)
             settled[read] = settle(m.workspace, m.pool, context, k_max=12, k_min=1, halting=halting, rule="first",
                                    tol=0.3, live_steps=0, loop=loop)
     f, a = settled["fused"], settled["absorbed"]
@@ -324,7 +324,7 @@ for experts, slots in ((("ssm",), (3,)), (("mlp", "siren"), (2, 1))):
     for read in ("fused", "absorbed"):
         m = model(read, experts=experts, slots=slots).eval()
         with torch.no_grad():
-            context = m.pool.token_clocked(m.embed(ids), 0, None)
+            context = m.pool.token_clocked(m.embed(ids), None)
             settled[read] = settle(m.workspace, m.pool, context, k_max=6, k_min=1, halting=False, rule="first",
                                    tol=0.3, live_steps=0, loop="reference")
     out["one_kind"].append(rel(settled["fused"].h, settled["absorbed"].h))
@@ -559,7 +559,7 @@ def halting_off_settle(model, ids, cuda_graph, **knobs):
     """Evaluation with halting off, as the model runs it (autocast as the caller set it)."""
     model.config.cuda_graph = cuda_graph
     with torch.no_grad():
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        context = model.pool.token_clocked(model.embed(ids), None)
         args = dict(k_max=model.config.k_max, k_min=1, halting=False, rule="first", tol=0.1, live_steps=0,
                     loop="reference", cuda_graph=cuda_graph)
         args.update(knobs)
@@ -631,7 +631,7 @@ def compact_with_padding(model, ids, pad_to, rule="first", tol=0.3, k_max=12, on
             return super().__call__(k, states, rows, context)
 
     with torch.no_grad():
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        context = model.pool.token_clocked(model.embed(ids), None)
         h, cum = model.workspace.initial_state(context.observation, model.pool.total_slots)
         monitor = HaltMonitor(
             *ids.shape, width=cum.shape[-2] * cum.shape[-1], k_max=k_max, k_min=1, rule=rule, tol=tol,

@@ -99,7 +99,7 @@ def run_halting(
         return row
 
     with torch.no_grad(), _autocast(device, dtype):
-        context = model.pool.token_clocked(model.embed(ids), 0, None)
+        context = model.pool.token_clocked(model.embed(ids), None)
         graphs = (False, True) if device.type == "cuda" else (False,)  # CUDA graphs need CUDA
         for cuda_graph in graphs:
             for compiled in sorted({False, compile_step}):

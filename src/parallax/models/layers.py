@@ -98,33 +98,59 @@ class KVCache:
     """Preallocated keys/values for one attention layer during incremental decoding.
 
     ``k``/``v`` are (B, H_kv, max_len, Dh); ``length`` is how many positions are filled.
+
+    A ``static`` cache (for a decoding step captured as a CUDA graph, ``generation.py``) also
+    keeps that count on the device (``position``): new keys are written at it and the whole
+    buffers come back, with the positions not yet written masked, so every step has the same
+    shapes and addresses. A replayed graph advances ``position`` only; ``length`` then
+    counts the host's own calls.
     """
 
-    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int, device, dtype):
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int, device, dtype, static: bool = False):
         self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, device=device, dtype=cache_dtype(device, dtype))
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.position = torch.zeros((), dtype=torch.long, device=device) if static else None
+
+    @property
+    def start(self) -> int | Tensor:
+        """The first new position: the host count, or a static cache's device count (a copy,
+        as ``append`` advances it in place)."""
+        return self.length if self.position is None else self.position.clone()
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new (B, H_kv, T, Dh) keys and values; returns the keys and values to attend
+        over: the positions filled so far, or a static cache's whole buffers."""
         t = k.shape[2]
         if self.length + t > self.k.shape[2]:
             raise ValueError(
                 f"KV cache holds {self.k.shape[2]} positions; cannot add {t} after {self.length}"
             )
-        self.k[:, :, self.length : self.length + t] = k
-        self.v[:, :, self.length : self.length + t] = v
         self.length += t
+        if self.position is not None:
+            index = self.position + torch.arange(t, device=k.device)
+            self.k.index_copy_(2, index, k.to(self.k.dtype))
+            self.v.index_copy_(2, index, v.to(self.v.dtype))
+            self.position += t
+            return self.k, self.v
+        self.k[:, :, self.length - t : self.length] = k
+        self.v[:, :, self.length - t : self.length] = v
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
-def attention_mask(q_len: int, kv_len: int, window: int | None, device) -> Tensor | None:
-    """Boolean (q_len, kv_len) mask, True = attend. Queries are the last ``q_len`` positions.
+def attention_mask(
+    q_len: int, kv_len: int, window: int | None, device, q_start: Tensor | None = None
+) -> Tensor | None:
+    """Boolean (q_len, kv_len) mask, True = attend. Queries are the last ``q_len`` positions,
+    or, with ``q_start`` (a 0-dim device tensor: a static cache's whole buffers), positions
+    ``q_start ..``, and the later keys (not yet written) are masked.
 
     Returns None when plain causal attention (``is_causal``) already expresses it.
     """
-    if window is None and q_len == kv_len:
+    if window is None and q_len == kv_len and q_start is None:
         return None
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    first = kv_len - q_len if q_start is None else q_start
+    q_pos = (first + torch.arange(q_len, device=device)).unsqueeze(1)
     k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
     mask = k_pos <= q_pos
     if window is not None:
@@ -168,8 +194,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
 
-    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
-        return KVCache(batch, self.n_kv_heads, self.head_dim, max_len, device, dtype)
+    def new_cache(self, batch: int, max_len: int, device, dtype, static: bool = False) -> KVCache:
+        return KVCache(batch, self.n_kv_heads, self.head_dim, max_len, device, dtype, static)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         b, t, _ = x.shape
@@ -178,11 +204,13 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        start = cache.length if cache is not None else 0
+        start = cache.start if cache is not None else 0
+        if isinstance(start, Tensor):  # a static cache: positions are looked up on the device
+            self.rope.reserve(cache.k.shape[2])
         q, k = self.rope(q, start), self.rope(k, start)
         if cache is not None:
             k, v = cache.append(k, v)
-        mask = attention_mask(t, k.shape[2], self.window, x.device)
+        mask = attention_mask(t, k.shape[2], self.window, x.device, start if isinstance(start, Tensor) else None)
         y = F.scaled_dot_product_attention(
             q,
             k,

@@ -96,11 +96,13 @@ class RecurrentConfig(ModelConfig):
 class RecurrentCache:
     """KV caches for incremental decoding at a fixed r: prelude, r copies of the core, coda."""
 
-    def __init__(self, model: "RecurrentDepthTransformer", batch: int, max_len: int, iterations: int):
+    def __init__(
+        self, model: "RecurrentDepthTransformer", batch: int, max_len: int, iterations: int, static: bool = False
+    ):
         p = model.embed.weight
 
         def caches(blocks):
-            return [blk.attn.new_cache(batch, max_len, p.device, p.dtype) for blk in blocks]
+            return [blk.attn.new_cache(batch, max_len, p.device, p.dtype, static) for blk in blocks]
 
         self.iterations = iterations
         self.prelude = caches(model.prelude)
@@ -138,8 +140,10 @@ class RecurrentDepthTransformer(nn.Module):
             window=cfg.window or None, dropout=cfg.dropout, norm_eps=cfg.norm_eps, mlp=mlp,
         )
 
-    def new_cache(self, batch: int, max_len: int, iterations: int | None = None) -> RecurrentCache:
-        return RecurrentCache(self, batch, max_len, iterations or self.config.test_iterations)
+    def new_cache(
+        self, batch: int, max_len: int, iterations: int | None = None, static: bool = False
+    ) -> RecurrentCache:
+        return RecurrentCache(self, batch, max_len, iterations or self.config.test_iterations, static)
 
     def sample_iterations(self) -> int:
         """Draw r for one training step from the configured distribution (torch's global RNG)."""

@@ -55,10 +55,10 @@ class SwapCache:
     read different inputs, so their keys and values differ.
     """
 
-    def __init__(self, model: "SwapTransformer", batch: int, max_len: int):
+    def __init__(self, model: "SwapTransformer", batch: int, max_len: int, static: bool = False):
         p = model.embed.weight
         self.layers = [
-            [[blk.attn.new_cache(batch, max_len, p.device, p.dtype) for blk in track] for track in model.tracks]
+            [[blk.attn.new_cache(batch, max_len, p.device, p.dtype, static) for blk in track] for track in model.tracks]
             for _ in range(model.config.num_loops)
         ]
 
@@ -86,8 +86,8 @@ class SwapTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def new_cache(self, batch: int, max_len: int) -> SwapCache:
-        return SwapCache(self, batch, max_len)
+    def new_cache(self, batch: int, max_len: int, static: bool = False) -> SwapCache:
+        return SwapCache(self, batch, max_len, static)
 
     @staticmethod
     def _run_track(blocks: nn.ModuleList, h: Tensor, caches: list[KVCache] | None) -> Tensor:

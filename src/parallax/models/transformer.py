@@ -34,9 +34,9 @@ class TransformerConfig(ModelConfig):
 class TransformerCache:
     """Per-layer KV caches for incremental decoding."""
 
-    def __init__(self, model: "Transformer", batch: int, max_len: int):
+    def __init__(self, model: "Transformer", batch: int, max_len: int, static: bool = False):
         p = model.embed.weight
-        self.layers = [blk.attn.new_cache(batch, max_len, p.device, p.dtype) for blk in model.blocks]
+        self.layers = [blk.attn.new_cache(batch, max_len, p.device, p.dtype, static) for blk in model.blocks]
 
     @property
     def length(self) -> int:
@@ -69,8 +69,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def new_cache(self, batch: int, max_len: int) -> TransformerCache:
-        return TransformerCache(self, batch, max_len)
+    def new_cache(self, batch: int, max_len: int, static: bool = False) -> TransformerCache:
+        return TransformerCache(self, batch, max_len, static)
 
     def shard_units(self) -> list[nn.Module]:
         """Blocks that run once per forward: FSDP2 gathers their weights one at a time."""

@@ -24,8 +24,8 @@ class MotorDecoder(nn.Module):
         )
         self.norm = RMSNorm(dim, norm_eps)
 
-    def new_cache(self, batch: int, max_len: int, device, dtype) -> list[KVCache]:
-        return [block.attn.new_cache(batch, max_len, device, dtype) for block in self.blocks]
+    def new_cache(self, batch: int, max_len: int, device, dtype, static: bool = False) -> list[KVCache]:
+        return [block.attn.new_cache(batch, max_len, device, dtype, static) for block in self.blocks]
 
     def forward(self, settled: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         """Settled states (B, T, d) -> features (B, T, d) for the LM head."""

@@ -91,26 +91,26 @@ class AttentionProbe(nn.Module):
         self.wo = nn.Parameter(torch.empty(slots, head_dim, dim).normal_(0.0, 0.02))  # per slot
         self.rope = RotaryEmbedding(head_dim, rope_base)
 
-    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
-        return KVCache(batch, self.slots, self.head_dim, max_len, device, dtype)
+    def new_cache(self, batch: int, max_len: int, device, dtype, static: bool = False) -> KVCache:
+        return KVCache(batch, self.slots, self.head_dim, max_len, device, dtype, static)
 
-    def keys_values(
-        self, source: Tensor, start: int, cache: KVCache | None, static: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    def keys_values(self, source: Tensor, cache: KVCache | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """(B, S, L, dh) keys and values: of the T positions of ``source`` (L = T), or with a
-        cache, of every position cached so far (L = start + T), or the cache's whole buffers
-        (``static``, L = max_len), after writing these T in."""
+        cache, of every position cached so far (L = start + T), or a static cache's whole
+        buffers (L = max_len), after writing these T in; and for a static cache the first new
+        position as a device tensor (``forward``'s ``start``), else None."""
         b, t, _ = source.shape
         k = self.wk(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
         v = self.wv(source).view(b, t, self.slots, self.head_dim).transpose(1, 2)
+        start = cache.start if cache is not None else 0
+        static = isinstance(start, Tensor)
+        if static:  # the queries' and keys' positions are looked up on the device
+            self.rope.reserve(cache.k.shape[2])
         k = self.rope(k, start)
         if cache is None:
-            return k, v
+            return k, v, None
         k, v = cache.append(k, v)
-        if not static:
-            return k, v
-        self.rope.reserve(cache.k.shape[2])  # the queries' positions are looked up on the device
-        return cache.k, cache.v
+        return k, v, start if static else None
 
     def forward(
         self,
@@ -139,13 +139,8 @@ class AttentionProbe(nn.Module):
             (b, t), q_rows = grid, self.wq(h_eff[0])
             q = q_rows.new_zeros(b * t, q_rows.shape[1]).index_copy(0, rows, q_rows)
         q = q.view(b, t, self.slots, self.head_dim).transpose(1, 2)
-        if start is None:
-            length = keys.shape[2]
-            q, mask = self.rope(q, length - t), attention_mask(t, length, None, h_eff.device)
-        else:
-            q = self.rope(q, start)
-            positions = start + torch.arange(t, device=start.device)
-            mask = torch.arange(keys.shape[2], device=start.device) <= positions[:, None]  # (T, L)
+        q = self.rope(q, keys.shape[2] - t if start is None else start)
+        mask = attention_mask(t, keys.shape[2], None, h_eff.device, start)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1)
         if rows is not None:
             y = y.transpose(1, 2).flatten(0, 1)[rows].transpose(0, 1).unsqueeze(0)  # (1, S, N, dh)

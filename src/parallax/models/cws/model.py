@@ -30,10 +30,10 @@ from parallax.registry import MODELS
 class CWSCache:
     """Incremental-generation state: token-clocked pool state and the decoder's KV caches."""
 
-    def __init__(self, model: "CWS", batch: int, max_len: int):
+    def __init__(self, model: "CWS", batch: int, max_len: int, static: bool = False):
         p = model.embed.weight
-        self.pool: PoolCache = model.pool.new_cache(batch, max_len, p.device, p.dtype)
-        self.decoder: list[KVCache] = model.decoder.new_cache(batch, max_len, p.device, p.dtype)
+        self.pool: PoolCache = model.pool.new_cache(batch, max_len, p.device, p.dtype, static)
+        self.decoder: list[KVCache] = model.decoder.new_cache(batch, max_len, p.device, p.dtype, static)
         self.length = 0
 
 
@@ -56,8 +56,10 @@ class CWS(nn.Module):
         self.pool.reset_expert_parameters()
         self.lm_head.weight = self.embed.weight
 
-    def new_cache(self, batch: int, max_len: int) -> CWSCache:
-        return CWSCache(self, batch, max_len)
+    def new_cache(self, batch: int, max_len: int, static: bool = False) -> CWSCache:
+        """``static`` (KV caches of fixed shapes, ``KVCache``) for a decoding step captured whole
+        as a CUDA graph, and for ``cuda_graph``'s per-iteration graphs, which need it too."""
+        return CWSCache(self, batch, max_len, static or self.config.cuda_graph)
 
     def halting_active(self) -> bool:
         cfg = self.config
@@ -71,11 +73,8 @@ class CWS(nn.Module):
         cache: CWSCache | None = None,
     ) -> ModelOutput:
         cfg = self.config
-        start = cache.length if cache is not None else 0
         x = self.embed(input_ids)
-        context = self.pool.token_clocked(
-            x, start, cache.pool if cache is not None else None, static=cfg.cuda_graph
-        )
+        context = self.pool.token_clocked(x, cache.pool if cache is not None else None)
         settled = settle(
             self.workspace,
             self.pool,

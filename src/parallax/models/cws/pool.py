@@ -28,8 +28,8 @@ class TokenContext:
     ``observation`` (B, T, d) is the token's own reading (embedding, plus the SSM read when
     the pool has an SSM); ``fixed`` holds token-clocked slots (B, T, S, d), normalised, by
     expert name;
-    ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T, or for
-    CUDA graphs in incremental decoding the cache's whole buffers (L = max_len), with
+    ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T, or with
+    a static cache (for CUDA graphs in incremental decoding) its whole buffers (L = max_len), with
     ``probe_start`` the first token's position as a 0-dim device tensor (see ``AttentionProbe``);
     ``grounding`` (B, T, d) what the h-clocked experts add to h_eff (``CWSConfig.ground``).
 
@@ -108,7 +108,7 @@ class ExpertPool(nn.Module):
             if isinstance(expert, (SSMExpert, SirenPrior)):
                 expert.reset_expert_parameters()
 
-    def new_cache(self, batch: int, max_len: int, device, dtype) -> PoolCache:
+    def new_cache(self, batch: int, max_len: int, device, dtype, static: bool = False) -> PoolCache:
         ssm = self.experts["ssm"] if "ssm" in self.experts else None
         probe = self.experts["attention"] if "attention" in self.experts else None
         return PoolCache(
@@ -116,12 +116,13 @@ class ExpertPool(nn.Module):
                 batch, ssm.A_log.shape[0], ssm.A_log.shape[1], device=device, dtype=dtype
             ),
             last_embedding=torch.zeros(batch, 1, self.dim, device=device, dtype=dtype),
-            probe=None if probe is None else probe.new_cache(batch, max_len, device, dtype),
+            probe=None if probe is None else probe.new_cache(batch, max_len, device, dtype, static),
         )
 
-    def token_clocked(self, x: Tensor, start: int, cache: PoolCache | None, static: bool = False) -> TokenContext:
-        """One context update over the new token embeddings x (B, T, d); ``static``: a context
-        of the same shapes at every position of incremental decoding (for CUDA graphs)."""
+    def token_clocked(self, x: Tensor, cache: PoolCache | None) -> TokenContext:
+        """One context update over the new token embeddings x (B, T, d). The cache's state is
+        updated in place (a CUDA graph of a decoding step reads and writes it where it is);
+        with a static cache the context has the same shapes at every position."""
         context = TokenContext(observation=x)
         read = None
         if "ssm" in self.experts:
@@ -130,7 +131,7 @@ class ExpertPool(nn.Module):
             context.fixed["ssm"] = self.norm(ssm.proposals(read))
             context.observation = x + read
             if cache is not None:
-                cache.ssm_state = state
+                cache.ssm_state.copy_(state)
         if "attention" in self.experts:
             if self.probe_keys == "ssm":
                 source = read
@@ -139,14 +140,12 @@ class ExpertPool(nn.Module):
                 source = torch.cat([x, torch.cat([first, x[:, :-1]], dim=1)], dim=-1)
             else:
                 source = x
-            static = static and cache is not None
-            context.probe_kv = self.experts["attention"].keys_values(
-                source, start, cache.probe if cache is not None else None, static
+            keys, values, context.probe_start = self.experts["attention"].keys_values(
+                source, cache.probe if cache is not None else None
             )
-            if static:  # filled on the device: no host-to-device copy to wait for
-                context.probe_start = torch.full((), start, dtype=torch.long, device=x.device)
+            context.probe_kv = (keys, values)
         if cache is not None:
-            cache.last_embedding = x[:, -1:]
+            cache.last_embedding.copy_(x[:, -1:])
         if self.ground is not None:
             context.grounding = self.ground(context.observation)
         return context

@@ -68,12 +68,15 @@ def settle(
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
     b, t, _ = h.shape
-    graphs = cuda_graph and graphed.usable(h, context)
+    # inside a CUDA graph being captured (a whole decoding step, ``generation.py``) nothing may
+    # wait for the device: the masked reference loop runs all k_max iterations, no early exit
+    capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
+    graphs = cuda_graph and not capturing and graphed.usable(h, context)
     settings = dict(
         width=workspace.n_heads * pool.total_slots, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol,
         enabled=halting, device=h.device,
     )
-    compact = halting and loop == "compact"
+    compact = halting and loop == "compact" and not capturing
     # the compact loop's graphs capture the monitor's buffers: one monitor from call to call
     if graphs and compact:
         monitor = graphed.halt_monitor(workspace, b, t, **settings)
@@ -104,10 +107,10 @@ def settle(
             monitor.observe(k, raw)
     elif live == 0:
         with torch.no_grad():
-            h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max)
+            h, cum = _reference_loop(no_grad_step, pool, context, monitor, h, cum, k_max, not capturing)
     else:
         with torch.no_grad():
-            ring = _reference_ring_loop(no_grad_step, pool, context, monitor, h, cum, k_max, live)
+            ring = _reference_ring_loop(no_grad_step, pool, context, monitor, h, cum, k_max, live, not capturing)
         h = _replay(workspace, pool, context, monitor, *ring[0], live)
     return _settled(h, monitor)
 
@@ -125,20 +128,21 @@ def _no_grad_prefix(step, pool, context, monitor, h, cum, iterations):
     return h, cum
 
 
-def _reference_loop(step, pool, context, monitor, h, cum, k_max):
-    """Every token, every iteration until all have halted; halted tokens frozen by masks."""
+def _reference_loop(step, pool, context, monitor, h, cum, k_max, early_exit=True):
+    """Every token, every iteration until all have halted (``early_exit``, else k_max);
+    halted tokens frozen by masks."""
     for k in range(1, k_max + 1):
         running = monitor.running()
         h_next, cum_next, raw = step(h, cum, pool, context)
         monitor.observe(k, raw)
         h = torch.where(running[..., None], h_next, h)
         cum = torch.where(running[..., None, None], cum_next, cum)
-        if k % HALT_CHECK_EVERY == 0 and monitor.all_halted:
+        if early_exit and k % HALT_CHECK_EVERY == 0 and monitor.all_halted:
             break
     return h, cum
 
 
-def _reference_ring_loop(step, pool, context, monitor, h, cum, k_max, live):
+def _reference_ring_loop(step, pool, context, monitor, h, cum, k_max, live, early_exit=True):
     """The halting loop keeping, per token, the last ``live`` states before each iteration.
 
     ring[i] is the state before the token's (live - i)-th last iteration (h_0 while it has
@@ -156,7 +160,7 @@ def _reference_ring_loop(step, pool, context, monitor, h, cum, k_max, live):
         monitor.observe(k, raw)
         h = torch.where(kept_h, h_next, h)
         cum = torch.where(kept_c, cum_next, cum)
-        if k % HALT_CHECK_EVERY == 0 and monitor.all_halted:
+        if early_exit and k % HALT_CHECK_EVERY == 0 and monitor.all_halted:
             break
     return ring
 
