@@ -7,6 +7,7 @@ import torch
 
 from parallax.errors import ParallaxError
 from parallax.generation import filter_logits, generate, generate_batch
+from parallax.models.layers import KVCache, attention_mask
 from parallax.models.cws import CWS, CWSConfig
 from parallax.models.recurrent import RecurrentConfig, RecurrentDepthTransformer
 from parallax.models.swap import SwapConfig, SwapTransformer
@@ -178,6 +179,74 @@ def test_decode_loop_does_not_synchronise_cuda(name):
         generate_batch(model, prompts, 6, temperature=0.9, top_k=8, top_p=0.9, stop_id=0, check_every=0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+STEP_MODELS = {**MODELS, "cws_halting": lambda: cws(halting=True)}
+
+
+@pytest.mark.parametrize("name", list(STEP_MODELS))
+def test_static_cache_decodes_as_the_growing_one(name):
+    """A static cache (whole buffers, device positions, masks: what a CUDA graph of a step
+    needs) gives the logits of the cache that grows by slices, prompt and each new token."""
+    model = STEP_MODELS[name]()
+    ids = torch.tensor([PROMPTS[0] + [2, 6, 0, 4, 4, 1]])
+    logits = {}
+    with torch.no_grad():
+        for static in (False, True):
+            cache = model.new_cache(1, 12, static=static)
+            steps = [model(ids[:, :5], cache=cache).logits]
+            steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, ids.shape[1])]
+            logits[static] = torch.cat(steps, dim=1)
+            positions = [int(c.position) for c in kv_caches(cache) if c.position is not None]
+            assert positions == ([ids.shape[1]] * len(positions) if static else []) and len(kv_caches(cache)) > 0
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def kv_caches(obj) -> list:
+    """Every ``KVCache`` in a model's cache: in lists, nested lists and attributes."""
+    if isinstance(obj, KVCache):
+        return [obj]
+    if isinstance(obj, list):
+        return [c for x in obj for c in kv_caches(x)]
+    if isinstance(obj, torch.Tensor) or not hasattr(obj, "__dict__"):
+        return []
+    return [c for x in vars(obj).values() for c in kv_caches(x)]
+
+
+def test_static_cache_positions_and_mask():
+    cache = KVCache(1, 2, 4, 8, "cpu", torch.float32, static=True)
+    k = torch.randn(1, 2, 3, 4)
+    keys, _ = cache.append(k, k)
+    assert keys.shape[2] == 8 and int(cache.position) == 3 and cache.length == 3
+    torch.testing.assert_close(keys[:, :, :3], k)
+    mask = attention_mask(2, 8, 2, "cpu", torch.tensor(3))  # queries at 3 and 4, window 2
+    assert mask.tolist() == [[False, False, True, True, False, False, False, False],
+                             [False, False, False, True, True, False, False, False]]
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        cache.append(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+
+
+def test_cuda_graph_decoding_needs_a_cuda_model_with_a_cache():
+    model = MODELS["transformer"]()
+    with pytest.raises(ParallaxError, match="decodes without a cache"):
+        generate_batch(Uncached(model), PROMPTS, 3, cuda_graph=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ParallaxError, match="CUDA device"):
+            generate_batch(model, PROMPTS, 3, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(STEP_MODELS))
+def test_cuda_graph_decoding_equals_eager(name):
+    """Each token one graph replay, past the context too (the window path takes over), greedy
+    and seeded sampling: the tokens (and K) of eager decoding."""
+    model = STEP_MODELS[name]().cuda()
+    prompts = torch.tensor(PROMPTS, device="cuda")
+    for knobs in (dict(temperature=0), dict(temperature=0.9, top_k=8, top_p=0.9, seed=3)):
+        eager = generate_batch(model, prompts, 10, **knobs)  # 15 > context 12
+        graphed = generate_batch(model, prompts, 10, cuda_graph=True, **knobs)
+        assert graphed.ids.tolist() == eager.ids.tolist()
+        assert (graphed.k is None and eager.k is None) or graphed.k.tolist() == eager.k.tolist()
 
 
 def test_bad_prompts_are_clear_errors():

@@ -20,6 +20,7 @@ config), the oldest tokens are dropped and the window is recomputed each step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -92,8 +93,17 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, ge
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return race_sample(logits, temperature, top_k, top_p, race_noise(logits, generator))
+
+
+def race_noise(logits: Tensor, generator: torch.Generator) -> Tensor:
+    """The E ~ Exp(1) of ``sample_next``'s race, one per logit, in fp32."""
+    return torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1.0, generator=generator)
+
+
+def race_sample(logits: Tensor, temperature: float, top_k: int, top_p: float, race: Tensor) -> Tensor:
+    """``sample_next`` with its noise given (a CUDA graph draws it outside, see ``GraphedStep``)."""
     probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
 
 
@@ -125,6 +135,51 @@ def check_request(
         raise ParallaxError("max_new_tokens, temperature and top_k must be >= 0, and top_p in (0, 1]")
 
 
+class GraphedStep:
+    """One decoding step, the model on the last sampled tokens and the sampling, captured as
+    a CUDA graph over a static cache (``new_cache(..., static=True)``): a replay costs the
+    host one launch where the eager step launches hundreds of kernels (thousands for the CWS's
+    K iterations), which is what bounds eager decoding at small batch.
+
+    The race's noise is drawn before each replay from the caller's generator, outside the
+    graph, so a graphed step samples the same tokens as an eager one with the same seed. The
+    capture runs on ``stream``, which must have run the step eagerly before (cuBLAS handles,
+    Triton and compiled kernels), under autocast without its weight-cast cache (a cached cast
+    would be freed after the capture).
+    """
+
+    def __init__(self, model, cache, token: Tensor, logits: Tensor, sampling: tuple[float, int, int | float], stream):
+        temperature, top_k, top_p = sampling
+        self.token = token.clone()  # (B, 1): the input of every replay
+        self.race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if temperature else None
+        kind = token.device.type
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=stream), torch.autocast(
+            kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind), cache_enabled=False
+        ):
+            out = model(self.token, cache=cache)
+            last = out.logits[:, -1]
+            self.next = last.argmax(dim=-1) if not temperature else race_sample(last, *sampling, self.race)
+            k_used = out.diagnostics.get("k_used")
+            self.k = k_used[:, -1].to(torch.long) if k_used is not None else None
+
+    def __call__(self, token: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """The next tokens (B,) and their K after ``token`` (B, 1), in tensors of their own."""
+        self.token.copy_(token)
+        if self.race is not None:
+            self.race.exponential_(1.0, generator=generator)
+        self.graph.replay()
+        return self.next.clone(), None if self.k is None else self.k.clone()
+
+
+def check_graphable(model: torch.nn.Module) -> None:
+    """A clear error where a decoding step cannot be captured as a CUDA graph."""
+    if not hasattr(model, "new_cache"):
+        raise ParallaxError(f"{type(model).__name__} decodes without a cache; CUDA graphs need an incremental model")
+    if next(model.parameters()).device.type != "cuda":
+        raise ParallaxError("CUDA graphs need the model on a CUDA device")
+
+
 @torch.no_grad()
 def decode_steps(
     model: torch.nn.Module,
@@ -137,6 +192,7 @@ def decode_steps(
     generator: torch.Generator,
     stop_id: int | None = None,
     pad_id: int | None = None,
+    cuda_graph: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
     """The engine. ``ids`` (B, prompt_len + N) holds the prompts in its first ``prompt_len``
     columns; step i writes the sampled tokens to column ``prompt_len + i`` and yields
@@ -144,27 +200,50 @@ def decode_steps(
 
     A row that has produced ``stop_id`` is finished and emits ``pad_id`` (default
     ``stop_id``) from then on. Nothing here reads a device value on the host.
+
+    ``cuda_graph``: the prompt and the first new token run eagerly (the second on a side
+    stream, which warms it up), then each token is one replay of a ``GraphedStep``. A CWS with
+    halting then runs the masked loop to k_max (no early exit, which would wait for the device).
     """
     batch, total = ids.shape
     context = context_length(model)
-    cache = model.new_cache(batch, min(total, context or total)) if hasattr(model, "new_cache") else None
+    if cuda_graph:
+        check_graphable(model)
+    cache = None
+    if hasattr(model, "new_cache"):
+        cache = model.new_cache(batch, min(total, context or total), **({"static": True} if cuda_graph else {}))
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     pad = stop_id if pad_id is None else pad_id
+    sampling = (temperature, top_k, top_p)
     seen = 0  # columns of `ids` the cache holds
+    graphed: GraphedStep | None = None
+    side = torch.cuda.Stream(ids.device) if cuda_graph else None
     for t in range(prompt_len, total):  # t: tokens in the sequence before this step
-        if cache is not None and t <= (context or t):
-            out = model(ids[:, seen:t], cache=cache)
-            seen = t
-        else:  # past the context: drop the oldest tokens and recompute the window
-            cache = None
-            out = model(ids[:, max(0, t - context) if context else 0 : t])
-        token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+        k_used = None
+        if graphed is not None and t <= (context or t):
+            token, k_used = graphed(ids[:, t - 1 : t], generator)
+        else:
+            if cache is not None and t <= (context or t):
+                warm_up = cuda_graph and t == prompt_len + 1
+                if warm_up:
+                    side.wait_stream(torch.cuda.current_stream(ids.device))
+                with torch.cuda.stream(side) if warm_up else contextlib.nullcontext():
+                    out = model(ids[:, seen:t], cache=cache)
+                if warm_up:
+                    torch.cuda.current_stream(ids.device).wait_stream(side)
+                    graphed = GraphedStep(model, cache, ids[:, t - 1 : t], out.logits[:, -1], sampling, side)
+                seen = t
+            else:  # past the context: drop the oldest tokens and recompute the window
+                cache = graphed = None
+                out = model(ids[:, max(0, t - context) if context else 0 : t])
+            token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+            if "k_used" in out.diagnostics:
+                k_used = out.diagnostics["k_used"][:, -1].to(torch.long)
         if stop_id is not None:
             token = token.masked_fill(finished, pad)
             finished = finished | (token == stop_id)
         ids[:, t] = token
-        k_used = out.diagnostics.get("k_used")
-        yield token, (k_used[:, -1].to(torch.long) if k_used is not None else None), finished
+        yield token, k_used, finished
 
 
 def generate_batch(
@@ -180,6 +259,7 @@ def generate_batch(
     pad_id: int | None = None,
     on_token: Callable[[int, Tensor, Tensor | None, Tensor], bool | None] | None = None,
     check_every: int = DEFAULT_CHECK_EVERY,
+    cuda_graph: bool = False,
 ) -> Generation:
     """Continue each row of ``prompts`` (B, P) by up to ``max_new_tokens`` tokens.
 
@@ -188,7 +268,8 @@ def generate_batch(
     tokens, k, finished)`` is called after each step with the device tensors of
     ``decode_steps``; reading them is the caller's sync, and returning True ends decoding
     (a streaming caller knows when its rows are done). The same seed gives the same tokens on
-    the same device.
+    the same device. ``cuda_graph``: each token after the first two is one CUDA graph replay
+    (``decode_steps``).
     """
     device = next(model.parameters()).device
     prompt = prompt_tensor(prompts, device)
@@ -200,7 +281,7 @@ def generate_batch(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     steps = decode_steps(model, ids, prompt_len, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator, stop_id=stop_id, pad_id=pad_id)
+                         generator=generator, stop_id=stop_id, pad_id=pad_id, cuda_graph=cuda_graph)
     produced = 0
     for step, (token, k, finished) in enumerate(steps):
         produced = step + 1

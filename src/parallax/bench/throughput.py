@@ -14,7 +14,8 @@ Inference is greedy decoding of ``gen_tokens`` new tokens after a random prompt:
 ``new_cache`` run incrementally through ``parallax.generation`` (one token per call through
 their KV caches / CWS state; the prompt's prefill is timed apart), the EAM, which is not causal, decodes all ``gen_tokens``
 answer positions at once by MaskGIT (``decode_steps`` passes of ``solver_steps`` block
-evaluations) after the same prompt. Inputs are random token ids. Timing: warm-up calls,
+evaluations) after the same prompt; with ``gen_cuda_graph`` every token after the second is
+one CUDA graph replay of the whole step (``generation.GraphedStep``). Inputs are random token ids. Timing: warm-up calls,
 then CUDA events around each timed call (host clock on CPU), median over the timed calls.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import platform
@@ -62,6 +64,7 @@ class ThroughputConfig:
     prompt: int = 16
     gen_tokens: int = 128
     gen_repeats: int = 3
+    gen_cuda_graph: bool = False  # cached models decode each token by a CUDA graph replay (CUDA only)
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" adds CUDA graphs
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -72,6 +75,8 @@ class ThroughputConfig:
         if min(self.dim, self.seq, self.batch, self.vocab, self.steps, self.prompt, self.gen_tokens,
                self.gen_repeats, *self.gen_batches) < 1 or self.warmup < 0:
             raise ConfigError("sizes, steps and generation settings must be >= 1 (warm-up >= 0)")
+        if self.gen_cuda_graph and self.gen_tokens < 3:
+            raise ConfigError("gen tokens must be >= 3 with CUDA graphs (two are decoded before the graph replays)")
         if self.prompt + self.gen_tokens > self.seq:
             raise ConfigError(
                 f"prompt ({self.prompt}) + gen tokens ({self.gen_tokens}) must fit in --seq ({self.seq})"
@@ -226,13 +231,24 @@ def measure_training(
             "first_step_s": first_step_s}
 
 
-def _cached_generation(model, prompt: torch.Tensor, new_tokens: int, marks: Callable[[], None]) -> None:
+def _cached_generation(
+    model, prompt: torch.Tensor, new_tokens: int, marks: Callable[[], None], cuda_graph: bool = False
+) -> None:
     """Greedy incremental decoding by ``parallax.generation``: the prompt once (marked when its
     token is sampled), then one token per call; the engine never waits for the device (any
-    per-token host sync is the model's own)."""
+    per-token host sync is the model's own). With ``cuda_graph`` the mark is after the second
+    token, whose eager step and the capture then count with the prompt's."""
     marks()
-    generate_batch(model, prompt, new_tokens, temperature=0, on_token=lambda step, *_: marks() if step == 0 else None)
+    first = graph_tokens(cuda_graph) - 1
+    generate_batch(model, prompt, new_tokens, temperature=0, cuda_graph=cuda_graph,
+                   on_token=lambda step, *_: marks() if step == first else None)
     marks()
+
+
+def graph_tokens(cuda_graph: bool) -> int:
+    """The tokens decoded before the timed span: the prompt's, and with CUDA graphs the second
+    (its step runs eagerly and the step is captured after it)."""
+    return 2 if cuda_graph else 1
 
 
 @torch.no_grad()
@@ -260,7 +276,8 @@ def measure_inference(
 ) -> dict[str, Any]:
     """Decode tokens/s at ``batch`` (median over repeats), prefill time apart where there is one."""
     cached = hasattr(model, "new_cache")
-    generate = _cached_generation if cached else _maskgit_generation
+    graph = cached and tc.gen_cuda_graph and device.type == "cuda"
+    generate = functools.partial(_cached_generation, cuda_graph=graph) if cached else _maskgit_generation
     generator = torch.Generator(device=device).manual_seed(1)
     prompt = torch.randint(0, tc.vocab, (batch, tc.prompt), device=device, generator=generator)
     model.eval()
@@ -287,11 +304,12 @@ def measure_inference(
     runs = [run(tc.gen_tokens) for _ in range(tc.gen_repeats)]
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
-    # incremental: the prefill yields the first token, the timed loop the other N - 1
-    produced = tc.gen_tokens - 1 if cached else tc.gen_tokens
+    # incremental: the prefill yields the first token (with graphs, two), the timed loop the rest
+    produced = tc.gen_tokens - graph_tokens(graph) if cached else tc.gen_tokens
     return {
         "batch": batch,
         "new_tokens": tc.gen_tokens,
+        "cuda_graph": graph,
         "prefill_ms": prefill if cached else None,
         "decode_ms": decode,
         "tokens_per_s": batch * produced / (decode * 1e-3),

@@ -54,6 +54,8 @@ def add_arguments(parser) -> None:
     tp.add_argument("--prompt", type=int, default=d.prompt, help="prompt tokens before generation")
     tp.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="new tokens per generation")
     tp.add_argument("--gen-repeats", type=int, default=d.gen_repeats, help="timed generations (median reported)")
+    tp.add_argument("--gen-cuda-graph", action="store_true",
+                    help="decode each token by one CUDA graph replay (models with a cache; CUDA only)")
     tp.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     tp.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                     help="torch.compile mode with --compile (reduce-overhead: CUDA graphs of the step)")
@@ -127,7 +129,8 @@ def run_throughput(args) -> int:
     tc = ThroughputConfig(
         models=tuple(args.models), dim=args.dim, seq=args.seq, batch=args.batch, vocab=args.vocab,
         warmup=args.warmup, steps=args.steps, gen_batches=tuple(args.gen_batches), prompt=args.prompt,
-        gen_tokens=args.gen_tokens, gen_repeats=args.gen_repeats, compile=args.compile,
+        gen_tokens=args.gen_tokens, gen_repeats=args.gen_repeats, gen_cuda_graph=args.gen_cuda_graph,
+        compile=args.compile,
         compile_mode=args.compile_mode, precision=args.precision, device=args.device, overrides=tuple(args.overrides),
     )
     report = measure(tc, args.json)

@@ -29,6 +29,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--show-k", action="store_true", help="colour tokens by the iterations they took")
+    parser.add_argument(
+        "--cuda-graph", action="store_true",
+        help="replay each token's step from a CUDA graph (CUDA only; a CWS then runs k_max iterations per token)",
+    )
 
 
 def k_colour(k: int, k_min: int, k_max: int) -> tuple[int, int]:
@@ -106,6 +110,7 @@ def run(args) -> int:
         seed=args.seed,
         stop_id=tokenizer.eot_id,
         on_token=show,
+        cuda_graph=args.cuda_graph,
     )
     out.write("\n")
     return 0
