@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from parallax.errors import ParallaxError
-from parallax.generation import filter_logits, generate, generate_batch
+from parallax.generation import GraphedStep, filter_logits, generate, generate_batch, graph_mode
 from parallax.models.layers import KVCache, attention_mask
 from parallax.models.cws import CWS, CWSConfig
 from parallax.models.recurrent import RecurrentConfig, RecurrentDepthTransformer
@@ -181,25 +181,34 @@ def test_decode_loop_does_not_synchronise_cuda(name):
         torch.cuda.set_sync_debug_mode("default")
 
 
-STEP_MODELS = {**MODELS, "cws_halting": lambda: cws(halting=True)}
+STEP_MODELS = {
+    **MODELS,  # the CWS halting (its default)
+    "cws_halting_off": lambda: cws(halting=False),
+    "cws_shift_keys_grounded": lambda: cws(probe_keys="shift", ground=True),
+    "cws_iteration_graphs": lambda: cws(cuda_graph=True),
+    "recurrent_moe": lambda: spread(RecurrentDepthTransformer(RecurrentConfig(
+        vocab_size=V, d_model=32, n_heads=2, n_kv_heads=1, max_seq_len=12, test_iterations=2, window=3,
+        moe_experts=3, moe_top_k=2))),
+}
 
 
-@pytest.mark.parametrize("name", list(STEP_MODELS))
+@pytest.mark.parametrize("name", [n for n in STEP_MODELS if n != "cws_iteration_graphs"])  # its caches are static
 def test_static_cache_decodes_as_the_growing_one(name):
     """A static cache (whole buffers, device positions, masks: what a CUDA graph of a step
     needs) gives the logits of the cache that grows by slices, prompt and each new token."""
-    model = STEP_MODELS[name]()
-    ids = torch.tensor([PROMPTS[0] + [2, 6, 0, 4, 4, 1]])
+    model = STEP_MODELS[name]().double()  # fp64: the two attend over different lengths, so round differently
+    ids = torch.tensor([PROMPTS[0] + [2, 6, 0, 4, 4, 1]] * 2)
     logits = {}
     with torch.no_grad():
         for static in (False, True):
-            cache = model.new_cache(1, 12, static=static)
-            steps = [model(ids[:, :5], cache=cache).logits]
-            steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, ids.shape[1])]
+            cache = model.new_cache(2, 12, static=static)
+            steps = [model(ids[:, :5], cache=cache).logits]  # then chunks of 1, 3 and 2 tokens
+            steps += [model(ids[:, a:b], cache=cache).logits for a, b in ((5, 6), (6, 9), (9, 11))]
             logits[static] = torch.cat(steps, dim=1)
             positions = [int(c.position) for c in kv_caches(cache) if c.position is not None]
             assert positions == ([ids.shape[1]] * len(positions) if static else []) and len(kv_caches(cache)) > 0
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-10, atol=1e-10)
+    assert logits[True].shape == (2, 11, V)
 
 
 def kv_caches(obj) -> list:
@@ -211,6 +220,79 @@ def kv_caches(obj) -> list:
     if isinstance(obj, torch.Tensor) or not hasattr(obj, "__dict__"):
         return []
     return [c for x in vars(obj).values() for c in kv_caches(x)]
+
+
+def cache_fields(obj) -> list[tuple[object, str]]:
+    """(owner, name) of every tensor and int a model's cache holds, at any depth."""
+    if isinstance(obj, list):
+        return [f for x in obj for f in cache_fields(x)]
+    if isinstance(obj, torch.Tensor) or not hasattr(obj, "__dict__"):
+        return []
+    fields = []
+    for name, x in vars(obj).items():
+        plain = isinstance(x, (torch.Tensor, int)) and not isinstance(x, bool)
+        fields += [(obj, name)] if plain else cache_fields(x)
+    return fields
+
+
+class EmulatedGraphedStep(GraphedStep):
+    """``GraphedStep`` on the CPU, behaving as a CUDA graph does: the capture runs the Python
+    once and no kernel (the cache's tensors are put back, and must not have been rebound), a
+    replay runs the kernels and no Python (the cache's host-side ints stay as the capture left
+    them). Decoding through it equals eager decoding only if nothing in the step depends on
+    host state that a replay would not update."""
+
+    replays = 0
+
+    def __init__(self, model, cache, sampling):
+        self.model, self.cache, self.sampling = model, cache, sampling
+
+    def warm_up(self, tokens):
+        with graph_mode(tokens.device):
+            return self.model(tokens, cache=self.cache)
+
+    def capture(self, token, logits):
+        self.token = token.clone()
+        self.race = torch.empty(logits.shape) if self.sampling[0] else None
+        fields = cache_fields(self.cache)
+        tensors = [(o, n, getattr(o, n).clone(), getattr(o, n).data_ptr())
+                   for o, n in fields if isinstance(getattr(o, n), torch.Tensor)]
+        with graph_mode(token.device):
+            self.step()
+        for owner, name, before, address in tensors:
+            assert getattr(owner, name).data_ptr() == address, f"{type(owner).__name__}.{name} rebound in the step"
+            getattr(owner, name).copy_(before)
+        self.host = [(o, n, getattr(o, n)) for o, n in fields if isinstance(getattr(o, n), int)]
+
+    def __call__(self, token, generator):
+        EmulatedGraphedStep.replays += 1
+        self.token.copy_(token)
+        if self.race is not None:
+            self.race.exponential_(1.0, generator=generator)
+        with graph_mode(token.device):
+            tokens, k = self.step()
+        for owner, name, value in self.host:
+            setattr(owner, name, value)
+        return tokens, k
+
+
+@pytest.mark.parametrize("name", list(STEP_MODELS))
+def test_emulated_graph_decoding_equals_eager(name, monkeypatch):
+    """The engine's graph path on the CPU (``EmulatedGraphedStep``): the prompt, the warm-up,
+    the capture, replays, past the context the window recomputed; greedy, sampled, with a
+    stop: the eager tokens, K and finished rows."""
+    import parallax.generation as generation
+
+    monkeypatch.setattr(generation, "GraphedStep", EmulatedGraphedStep)
+    monkeypatch.setattr(generation, "check_graphable", lambda model: None)
+    model = STEP_MODELS[name]()
+    for knobs in (dict(temperature=0), dict(temperature=0.9, top_k=8, top_p=0.9, seed=3, stop_id=4)):
+        replays = EmulatedGraphedStep.replays
+        eager = generate_batch(model, PROMPTS, 10, **knobs)  # 15 > context 12
+        graphed = generate_batch(model, PROMPTS, 10, cuda_graph=True, **knobs)
+        assert EmulatedGraphedStep.replays - replays == 6  # tokens 3 .. 8 (9 and 10 past the context)
+        assert graphed.ids.tolist() == eager.ids.tolist() and graphed.finished.tolist() == eager.finished.tolist()
+        assert (graphed.k is None and eager.k is None) or graphed.k.tolist() == eager.k.tolist()
 
 
 def test_static_cache_positions_and_mask():
@@ -237,9 +319,22 @@ def test_cuda_graph_decoding_needs_a_cuda_model_with_a_cache():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(STEP_MODELS))
-def test_cuda_graph_decoding_equals_eager(name):
-    """Each token one graph replay, past the context too (the window path takes over), greedy
-    and seeded sampling: the tokens (and K) of eager decoding."""
+def test_cuda_graph_decoding_equals_eager(name, monkeypatch):
+    """Each token one graph replay, which never waits for the device, past the context the
+    window path; greedy and seeded sampling: the tokens (and K) of eager decoding."""
+    import parallax.generation as generation
+
+    replays = []
+
+    def replay(step, token, generator):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            replays.append(1)
+            return GraphedStep.__call__(step, token, generator)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(generation, "GraphedStep", type("Counted", (GraphedStep,), {"__call__": replay}))
     model = STEP_MODELS[name]().cuda()
     prompts = torch.tensor(PROMPTS, device="cuda")
     for knobs in (dict(temperature=0), dict(temperature=0.9, top_k=8, top_p=0.9, seed=3)):
@@ -247,6 +342,7 @@ def test_cuda_graph_decoding_equals_eager(name):
         graphed = generate_batch(model, prompts, 10, cuda_graph=True, **knobs)
         assert graphed.ids.tolist() == eager.ids.tolist()
         assert (graphed.k is None and eager.k is None) or graphed.k.tolist() == eager.k.tolist()
+    assert len(replays) == 12  # tokens 3 .. 8 of each generation
 
 
 def test_bad_prompts_are_clear_errors():

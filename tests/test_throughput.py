@@ -80,11 +80,32 @@ def test_cli_writes_a_row_per_model(tmp_path, capsys):
     (["--seq", "8", "--prompt", "4", "--gen-tokens", "8"], "must fit in --seq"),
     (["--device", "gpu0"], "unknown device"),
     (["--compile-mode", "reduce-overhead"], "needs --compile"),
+    (["--gen-cuda-graph", "--gen-tokens", "2"], ">= 3 with CUDA graphs"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert main(["bench", "throughput", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_decoding_is_timed_from_the_first_replayed_token(cuda_graph, monkeypatch):
+    """The decode span starts after the tokens decoded before it (one, or two with graphs:
+    the second runs eagerly before the capture) and its rate counts only the tokens inside."""
+    import parallax.bench.throughput as throughput
+
+    marked = []
+
+    def generate(model, prompt, new_tokens, *, on_token, cuda_graph, **_):
+        for step in range(new_tokens):
+            marked.append(("token", step))
+            on_token(step, None, None, None)
+
+    monkeypatch.setattr(throughput, "generate_batch", generate)
+    stamps = []
+    throughput._cached_generation(None, None, 5, lambda: stamps.append(len(marked)), cuda_graph=cuda_graph)
+    before = throughput.graph_tokens(cuda_graph)
+    assert stamps == [0, before, 5]  # start, end of the untimed tokens, end
 
 
 def test_halting_bench_times_every_loop_at_the_same_mean_k(tmp_path, capsys):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from parallax.errors import ParallaxError
+from parallax.models.graph_step import graph_step
 
 DEFAULT_CHECK_EVERY = 16  # generate_batch looks at the `finished` mask (one host sync) this often
 
@@ -141,27 +142,40 @@ class GraphedStep:
     host one launch where the eager step launches hundreds of kernels (thousands for the CWS's
     K iterations), which is what bounds eager decoding at small batch.
 
+    ``warm_up`` runs a step eagerly on the stream the capture will use and in the same mode
+    (``graph_mode``), so cuBLAS handles, Triton and compiled kernels exist before ``capture``.
     The race's noise is drawn before each replay from the caller's generator, outside the
-    graph, so a graphed step samples the same tokens as an eager one with the same seed. The
-    capture runs on ``stream``, which must have run the step eagerly before (cuBLAS handles,
-    Triton and compiled kernels), under autocast without its weight-cast cache (a cached cast
-    would be freed after the capture).
+    graph, so a graphed step samples the same tokens as an eager one with the same seed.
     """
 
-    def __init__(self, model, cache, token: Tensor, logits: Tensor, sampling: tuple[float, int, int | float], stream):
-        temperature, top_k, top_p = sampling
-        self.token = token.clone()  # (B, 1): the input of every replay
-        self.race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if temperature else None
-        kind = token.device.type
+    def __init__(self, model: torch.nn.Module, cache, sampling: tuple[float, int, float]):
+        self.model, self.cache, self.sampling = model, cache, sampling
+        self.stream = torch.cuda.Stream()
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def warm_up(self, tokens: Tensor):
+        """The model's output for ``tokens`` (B, T), run eagerly as the capture will run it."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream), graph_mode(tokens.device):
+            out = self.model(tokens, cache=self.cache)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def capture(self, token: Tensor, logits: Tensor) -> None:
+        """Capture the step for input tokens shaped as ``token`` (B, 1) and logits as ``logits``."""
+        self.token = token.clone()  # the input of every replay
+        self.race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if self.sampling[0] else None
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream), torch.autocast(
-            kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind), cache_enabled=False
-        ):
-            out = model(self.token, cache=cache)
-            last = out.logits[:, -1]
-            self.next = last.argmax(dim=-1) if not temperature else race_sample(last, *sampling, self.race)
-            k_used = out.diagnostics.get("k_used")
-            self.k = k_used[:, -1].to(torch.long) if k_used is not None else None
+        with torch.cuda.graph(self.graph, stream=self.stream), graph_mode(token.device):
+            self.next, self.k = self.step()
+
+    def step(self) -> tuple[Tensor, Tensor | None]:
+        """What the graph holds: the next tokens (B,) and their K from ``self.token``."""
+        out = self.model(self.token, cache=self.cache)
+        last = out.logits[:, -1]
+        tokens = race_sample(last, *self.sampling, self.race) if self.sampling[0] else last.argmax(dim=-1)
+        k_used = out.diagnostics.get("k_used")
+        return tokens, k_used[:, -1].to(torch.long) if k_used is not None else None
 
     def __call__(self, token: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """The next tokens (B,) and their K after ``token`` (B, 1), in tensors of their own."""
@@ -170,6 +184,17 @@ class GraphedStep:
             self.race.exponential_(1.0, generator=generator)
         self.graph.replay()
         return self.next.clone(), None if self.k is None else self.k.clone()
+
+
+@contextlib.contextmanager
+def graph_mode(device: torch.device) -> Iterator[None]:
+    """A step of a CUDA graph (``graph_step``), under autocast as the caller set it but
+    without its weight-cast cache (a cached cast would be freed after the capture)."""
+    kind = device.type
+    with graph_step(), torch.autocast(
+        kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind), cache_enabled=False
+    ):
+        yield
 
 
 def check_graphable(model: torch.nn.Module) -> None:
@@ -214,24 +239,20 @@ def decode_steps(
         cache = model.new_cache(batch, min(total, context or total), **({"static": True} if cuda_graph else {}))
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     pad = stop_id if pad_id is None else pad_id
-    sampling = (temperature, top_k, top_p)
     seen = 0  # columns of `ids` the cache holds
     graphed: GraphedStep | None = None
-    side = torch.cuda.Stream(ids.device) if cuda_graph else None
     for t in range(prompt_len, total):  # t: tokens in the sequence before this step
         k_used = None
         if graphed is not None and t <= (context or t):
             token, k_used = graphed(ids[:, t - 1 : t], generator)
         else:
             if cache is not None and t <= (context or t):
-                warm_up = cuda_graph and t == prompt_len + 1
-                if warm_up:
-                    side.wait_stream(torch.cuda.current_stream(ids.device))
-                with torch.cuda.stream(side) if warm_up else contextlib.nullcontext():
+                if cuda_graph and t == prompt_len + 1:
+                    graphed = GraphedStep(model, cache, (temperature, top_k, top_p))
+                    out = graphed.warm_up(ids[:, seen:t])
+                    graphed.capture(ids[:, t - 1 : t], out.logits[:, -1])
+                else:
                     out = model(ids[:, seen:t], cache=cache)
-                if warm_up:
-                    torch.cuda.current_stream(ids.device).wait_stream(side)
-                    graphed = GraphedStep(model, cache, ids[:, t - 1 : t], out.logits[:, -1], sampling, side)
                 seen = t
             else:  # past the context: drop the oldest tokens and recompute the window
                 cache = graphed = None

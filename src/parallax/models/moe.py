@@ -7,7 +7,8 @@ returns one tensor, the Switch-Transformer balance loss of the latest call,
 ``n_experts * sum_e f_e * P_e`` (f_e: fraction of routed slots taken by expert e, P_e: its mean
 router probability; 1.0 when perfectly balanced), is left on ``self.aux_loss`` for the model to
 collect. ``forward`` dispatches only the routed tokens to each expert; ``forward_reference``
-runs every expert on every token and is its twin for tests.
+runs every expert on every token and is its twin for tests, and what runs in a step of a
+CUDA graph (``graph_step.py``), where the dispatch cannot read its token counts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from parallax.models.graph_step import in_graph_step
 from parallax.models.layers import SwiGLU
 
 
@@ -38,6 +40,8 @@ class MixtureOfExperts(nn.Module):
         return experts, (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if in_graph_step():  # the dispatch below reads each expert's token count on the host
+            return self.forward_reference(x)
         flat = x.reshape(-1, x.shape[-1])
         experts, weights = self.route(flat)
         out = torch.zeros_like(flat)

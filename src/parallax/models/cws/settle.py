@@ -37,6 +37,7 @@ from parallax.models.cws.compact import Iterations, settle_compact
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
 from parallax.models.cws.workspace import Workspace, compiled_step
+from parallax.models.graph_step import in_graph_step
 
 # The reference loop asks whether every token has halted (a device-to-host read) only every
 # this many iterations; the iterations it runs past the last halt are masked no-ops.
@@ -68,9 +69,9 @@ def settle(
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
     b, t, _ = h.shape
-    # inside a CUDA graph being captured (a whole decoding step, ``generation.py``) nothing may
-    # wait for the device: the masked reference loop runs all k_max iterations, no early exit
-    capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
+    # a step of a CUDA graph (a whole decoding step, ``graph_step.py``) must not wait for the
+    # device: the masked reference loop runs all k_max iterations, no early exit
+    capturing = in_graph_step()
     graphs = cuda_graph and not capturing and graphed.usable(h, context)
     settings = dict(
         width=workspace.n_heads * pool.total_slots, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol,
