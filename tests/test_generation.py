@@ -293,6 +293,8 @@ def test_emulated_graph_decoding_equals_eager(name, monkeypatch):
         assert EmulatedGraphedStep.replays - replays == 6  # tokens 3 .. 8 (9 and 10 past the context)
         assert graphed.ids.tolist() == eager.ids.tolist() and graphed.finished.tolist() == eager.finished.tolist()
         assert (graphed.k is None and eager.k is None) or graphed.k.tolist() == eager.k.tolist()
+    streamed = list(generate(model, PROMPTS[0], 10, temperature=0, cuda_graph=True))
+    assert ids_of(streamed) == ids_of(generate(model, PROMPTS[0], 10, temperature=0))
 
 
 def test_static_cache_positions_and_mask():

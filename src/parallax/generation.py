@@ -332,13 +332,14 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     stop_id: int | None = None,
+    cuda_graph: bool = False,
 ) -> Iterator[SampledToken]:
     """Yield up to ``max_new_tokens`` tokens continuing one ``prompt`` (token ids), stopping
     after ``stop_id`` if given: the streaming form of ``generate_batch`` at batch 1, which
     reads each token on the host (one sync per token). The same seed gives the same tokens
     as ``generate_batch`` on the same device."""
     check_request(model, len(prompt), max_new_tokens, temperature, top_k, top_p)
-    return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
+    return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id, cuda_graph)
 
 
 
@@ -356,13 +357,14 @@ def _stream(
     top_p: float,
     seed: int,
     stop_id: int | None,
+    cuda_graph: bool,
 ) -> Iterator[SampledToken]:
     device = next(model.parameters()).device
     ids = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=device)
     ids[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed)
     steps = decode_steps(model, ids, len(prompt), temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator, stop_id=stop_id)
+                         generator=generator, stop_id=stop_id, cuda_graph=cuda_graph)
     for token, k, _ in steps:
         sampled = first_row(token, k)
         yield sampled
