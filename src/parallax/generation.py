@@ -150,15 +150,16 @@ class GraphedStep:
 
     def __init__(self, model: torch.nn.Module, cache, sampling: tuple[float, int, float]):
         self.model, self.cache, self.sampling = model, cache, sampling
-        self.stream = torch.cuda.Stream()
+        self.device = next(model.parameters()).device
+        self.stream = torch.cuda.Stream(self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def warm_up(self, tokens: Tensor):
         """The model's output for ``tokens`` (B, T), run eagerly as the capture will run it."""
-        self.stream.wait_stream(torch.cuda.current_stream())
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream), graph_mode(tokens.device):
             out = self.model(tokens, cache=self.cache)
-        torch.cuda.current_stream().wait_stream(self.stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return out
 
     def capture(self, token: Tensor, logits: Tensor) -> None:
@@ -166,7 +167,7 @@ class GraphedStep:
         self.token = token.clone()  # the input of every replay
         self.race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if self.sampling[0] else None
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream), graph_mode(token.device):
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream), graph_mode(self.device):
             self.next, self.k = self.step()
 
     def step(self) -> tuple[Tensor, Tensor | None]:
@@ -227,8 +228,9 @@ def decode_steps(
     ``stop_id``) from then on. Nothing here reads a device value on the host.
 
     ``cuda_graph``: the prompt and the first new token run eagerly (the second on a side
-    stream, which warms it up), then each token is one replay of a ``GraphedStep``. A CWS with
-    halting then runs the masked loop to k_max (no early exit, which would wait for the device).
+    stream, which warms it up), then each token is one replay of a ``GraphedStep`` (the
+    capture, once per call, waits for the device). A CWS with halting then runs the masked
+    loop to k_max (no early exit, which would wait for the device).
     """
     batch, total = ids.shape
     context = context_length(model)
