@@ -211,15 +211,9 @@ def test_static_cache_decodes_as_the_growing_one(name):
     assert logits[True].shape == (2, 11, V)
 
 
-def kv_caches(obj) -> list:
-    """Every ``KVCache`` in a model's cache: in lists, nested lists and attributes."""
-    if isinstance(obj, KVCache):
-        return [obj]
-    if isinstance(obj, list):
-        return [c for x in obj for c in kv_caches(x)]
-    if isinstance(obj, torch.Tensor) or not hasattr(obj, "__dict__"):
-        return []
-    return [c for x in vars(obj).values() for c in kv_caches(x)]
+def kv_caches(cache) -> list[KVCache]:
+    """Every ``KVCache`` in a model's cache."""
+    return [owner for owner, name in cache_fields(cache) if isinstance(owner, KVCache) and name == "k"]
 
 
 def cache_fields(obj) -> list[tuple[object, str]]:

@@ -94,12 +94,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, ge
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return race_sample(logits, temperature, top_k, top_p, race_noise(logits, generator))
-
-
-def race_noise(logits: Tensor, generator: torch.Generator) -> Tensor:
-    """The E ~ Exp(1) of ``sample_next``'s race, one per logit, in fp32."""
-    return torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1.0, generator=generator)
+    race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1.0, generator=generator)
+    return race_sample(logits, temperature, top_k, top_p, race)
 
 
 def race_sample(logits: Tensor, temperature: float, top_k: int, top_p: float, race: Tensor) -> Tensor:
