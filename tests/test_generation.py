@@ -4,6 +4,7 @@ in the decode loop, clear errors, and `parallax generate` on top of it."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallax.errors import ParallaxError
 from parallax.generation import GraphedStep, filter_logits, generate, generate_batch, graph_mode
@@ -229,12 +230,23 @@ def cache_fields(obj) -> list[tuple[object, str]]:
     return fields
 
 
+class NoHostReads(TorchDispatchMode):
+    """Fails on the operators that read a device value on the host (a CUDA capture refuses
+    them; on the CPU they would pass unseen)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+            raise AssertionError(f"{func} reads a device value on the host in a graph step")
+        return func(*args, **(kwargs or {}))
+
+
 class EmulatedGraphedStep(GraphedStep):
-    """``GraphedStep`` on the CPU, behaving as a CUDA graph does: the capture runs the Python
-    once and no kernel (the cache's tensors are put back, and must not have been rebound), a
-    replay runs the kernels and no Python (the cache's host-side ints stay as the capture left
-    them). Decoding through it equals eager decoding only if nothing in the step depends on
-    host state that a replay would not update."""
+    """``GraphedStep`` on the CPU, behaving as a CUDA graph does: the capture runs the step's
+    Python once, reading nothing on the host, and no kernel (the cache's tensors are put back,
+    and must not have been rebound); a replay runs the kernels with the host-side ints the
+    capture saw (the cache's ints are set to them for the step, then back). Decoding through
+    it equals eager decoding only if nothing in the step depends on host state that a replay
+    would not update."""
 
     replays = 0
 
@@ -242,30 +254,38 @@ class EmulatedGraphedStep(GraphedStep):
         self.model, self.cache, self.sampling = model, cache, sampling
 
     def warm_up(self, tokens):
+        self.token = tokens.clone()
         with graph_mode(tokens.device):
-            return self.model(tokens, cache=self.cache)
+            out = self.model(self.token, cache=self.cache)
+        self.race = torch.empty(out.logits[:, -1].shape) if self.sampling[0] else None
+        return out
 
-    def capture(self, token, logits):
-        self.token = token.clone()
-        self.race = torch.empty(logits.shape) if self.sampling[0] else None
+    def capture(self):
         fields = cache_fields(self.cache)
         tensors = [(o, n, getattr(o, n).clone(), getattr(o, n).data_ptr())
                    for o, n in fields if isinstance(getattr(o, n), torch.Tensor)]
-        with graph_mode(token.device):
+        self.seen = self.ints()  # what the captured Python read
+        with graph_mode(self.token.device), NoHostReads():
             self.step()
+        assert cache_fields(self.cache) == fields, "the step added or removed cache fields"
         for owner, name, before, address in tensors:
             assert getattr(owner, name).data_ptr() == address, f"{type(owner).__name__}.{name} rebound in the step"
             getattr(owner, name).copy_(before)
-        self.host = [(o, n, getattr(o, n)) for o, n in fields if isinstance(getattr(o, n), int)]
+
+    def ints(self):
+        return [(o, n, getattr(o, n)) for o, n in cache_fields(self.cache) if isinstance(getattr(o, n), int)]
 
     def __call__(self, token, generator):
         EmulatedGraphedStep.replays += 1
         self.token.copy_(token)
         if self.race is not None:
             self.race.exponential_(1.0, generator=generator)
+        now = self.ints()
+        for owner, name, value in self.seen:
+            setattr(owner, name, value)
         with graph_mode(token.device):
             tokens, k = self.step()
-        for owner, name, value in self.host:
+        for owner, name, value in now:
             setattr(owner, name, value)
         return tokens, k
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from parallax.errors import ParallaxError
 from parallax.models.graph_step import graph_step
+from parallax.models.output import ModelOutput
 
 DEFAULT_CHECK_EVERY = 16  # generate_batch looks at the `finished` mask (one host sync) this often
 
@@ -150,18 +151,21 @@ class GraphedStep:
         self.stream = torch.cuda.Stream(self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def warm_up(self, tokens: Tensor):
-        """The model's output for ``tokens`` (B, T), run eagerly as the capture will run it."""
+    def warm_up(self, tokens: Tensor) -> ModelOutput:
+        """The model's output for the last tokens (B, 1), run eagerly as the capture will run
+        it: on its stream, in its mode, from the buffer every replay reads (so a compiled
+        model sees the same input strides)."""
+        self.token = tokens.clone()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream), graph_mode(tokens.device):
-            out = self.model(tokens, cache=self.cache)
+        with torch.cuda.stream(self.stream), graph_mode(self.device):
+            out = self.model(self.token, cache=self.cache)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        logits = out.logits[:, -1]  # the race's noise, if any, is drawn per logit
+        self.race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if self.sampling[0] else None
         return out
 
-    def capture(self, token: Tensor, logits: Tensor) -> None:
-        """Capture the step for input tokens shaped as ``token`` (B, 1) and logits as ``logits``."""
-        self.token = token.clone()  # the input of every replay
-        self.race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if self.sampling[0] else None
+    def capture(self) -> None:
+        """Capture the step ``warm_up`` ran."""
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream), graph_mode(self.device):
             self.next, self.k = self.step()
@@ -248,7 +252,7 @@ def decode_steps(
                 if cuda_graph and t == prompt_len + 1:
                     graphed = GraphedStep(model, cache, (temperature, top_k, top_p))
                     out = graphed.warm_up(ids[:, seen:t])
-                    graphed.capture(ids[:, t - 1 : t], out.logits[:, -1])
+                    graphed.capture()
                 else:
                     out = model(ids[:, seen:t], cache=cache)
                 seen = t
@@ -335,7 +339,7 @@ def generate(
     """Yield up to ``max_new_tokens`` tokens continuing one ``prompt`` (token ids), stopping
     after ``stop_id`` if given: the streaming form of ``generate_batch`` at batch 1, which
     reads each token on the host (one sync per token). The same seed gives the same tokens
-    as ``generate_batch`` on the same device."""
+    as ``generate_batch`` on the same device; ``cuda_graph`` as there."""
     check_request(model, len(prompt), max_new_tokens, temperature, top_k, top_p)
     return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id, cuda_graph)
 

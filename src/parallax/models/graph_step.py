@@ -5,31 +5,33 @@ Inside one nothing may read a device value on the host or choose its work by one
 replay re-runs the captured kernels and none of the Python: the CWS runs its masked halting
 loop to k_max (no early exit, no compact working set, no graphs of its own nested inside),
 and a mixture of experts runs every expert on every token (its dense twin, the same values)
-instead of dispatching the routed tokens. A capture started elsewhere counts too.
+instead of dispatching the routed tokens. A capture started elsewhere counts too, except
+while torch.compile traces (which cannot ask).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
 
-_graph_steps = 0  # graph_step() contexts entered and not left (a plain global: torch.compile reads it)
+_state = threading.local()  # per thread: another thread's training keeps its fast paths
 
 
 @contextlib.contextmanager
 def graph_step() -> Iterator[None]:
-    """Run the model calls inside as steps of a CUDA graph."""
-    global _graph_steps
-    _graph_steps += 1
+    """Run the model calls inside (in this thread) as steps of a CUDA graph."""
+    _state.depth = getattr(_state, "depth", 0) + 1
     try:
         yield
     finally:
-        _graph_steps -= 1
+        _state.depth -= 1
 
 
 def in_graph_step() -> bool:
-    if _graph_steps:
+    """Inside ``graph_step()`` in this thread, or a CUDA stream capture outside torch.compile."""
+    if getattr(_state, "depth", 0):
         return True
     return not torch.compiler.is_compiling() and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -14,7 +14,6 @@ CUDA graph (``graph_step.py``), where the dispatch cannot read its token counts.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from parallax.models.graph_step import in_graph_step
@@ -35,7 +34,9 @@ class MixtureOfExperts(nn.Module):
         """(N, D) tokens -> (N, k) expert indices and (N, k) combine weights; sets ``aux_loss``."""
         probs = self.router(x).float().softmax(-1)  # (N, E)
         weights, experts = probs.topk(self.top_k, dim=-1)
-        load = F.one_hot(experts, self.n_experts).float().sum(1).mean(0) / self.top_k  # f_e
+        # f_e; compared with each expert id rather than one_hot, which checks its input on the host
+        chosen = experts.unsqueeze(-1) == torch.arange(self.n_experts, device=experts.device)
+        load = chosen.float().sum(1).mean(0) / self.top_k
         self.aux_loss = self.n_experts * (load * probs.mean(0)).sum()
         return experts, (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
 
