@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from parallax.errors import ParallaxError
-from parallax.models.graph_step import graph_step
+from parallax.models.graph_step import graph_step, uncached_autocast
 from parallax.models.output import ModelOutput
 
 DEFAULT_CHECK_EVERY = 16  # generate_batch looks at the `finished` mask (one host sync) this often
@@ -189,12 +189,8 @@ class GraphedStep:
 
 @contextlib.contextmanager
 def graph_mode(device: torch.device) -> Iterator[None]:
-    """A step of a CUDA graph (``graph_step``), under autocast as the caller set it but
-    without its weight-cast cache (a cached cast would be freed after the capture)."""
-    kind = device.type
-    with graph_step(), torch.autocast(
-        kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind), cache_enabled=False
-    ):
+    """A step of a CUDA graph (``graph_step``) under ``uncached_autocast``."""
+    with graph_step(), uncached_autocast(device.type):
         yield
 
 

@@ -35,3 +35,11 @@ def in_graph_step() -> bool:
     if getattr(_state, "depth", 0):
         return True
     return not torch.compiler.is_compiling() and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def uncached_autocast(kind: str) -> torch.autocast:
+    """Autocast as the caller set it, without its weight-cast cache: a cast cached during a
+    capture would be a tensor of the capture (freed after it), not the weights at each replay."""
+    return torch.autocast(
+        kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind), cache_enabled=False
+    )

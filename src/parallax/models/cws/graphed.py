@@ -52,6 +52,7 @@ from torch import Tensor
 from parallax.models.cws.compact import Iterations
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
+from parallax.models.graph_step import uncached_autocast
 
 GRAPHS_PER_WORKSPACE = 64  # the compact loop visits one working-set size per shrink
 MONITORS_PER_WORKSPACE = 8  # grids and halting settings whose compact-loop captures stay ready
@@ -235,13 +236,11 @@ def _clone_context(context: TokenContext) -> TokenContext:
 
 
 def _autocast_run(fn: Callable) -> Callable:
-    """``fn`` under the current autocast settings, without its weight-cast cache (a cached
-    cast would be a tensor of the capture's step, not of the weights at each replay)."""
-    dtype = torch.get_autocast_dtype("cuda")
-    enabled = torch.is_autocast_enabled("cuda")
+    """``fn`` without gradient under ``uncached_autocast`` (its warm-up runs and its capture
+    happen inside the settle call that made it, under the caller's autocast)."""
 
     def run():
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+        with torch.no_grad(), uncached_autocast("cuda"):
             return fn()
 
     return run
