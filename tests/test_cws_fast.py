@@ -885,9 +885,14 @@ def test_lagged_count_returns_the_previous_count(device):
     counts = LaggedCount(torch.device(device))
     seen = [counts.push(torch.tensor(n, device=device)) for n in (5, 3, 0)]
     assert seen == [None, 5, 3]
-    counts.reset()
-    assert counts.push(torch.tensor(7, device=device)) is None
-    assert counts.push(torch.tensor(1, device=device)) == 7
+
+
+def test_compact_loop_shrinks_on_consecutive_iterations():
+    """Halving counts: the set shrinks at every iteration once the lagged count allows it
+    (a count queued before a shrink still counts tokens of the new set), and stops one
+    iteration after the count says none is active."""
+    k_used = torch.tensor([3] * 500 + [4] * 250 + [5] * 125 + [6] * 125)
+    assert planned_set_sizes(k_used, 12) == [1000] * 4 + [500, 250, 125]
 
 
 @pytest.mark.parametrize("pad", [False, True])

@@ -72,9 +72,6 @@ class LaggedCount:
             self.pending = (count.clone(), None)  # a CUDA graph's output buffer is rewritten by its next replay
         return previous
 
-    def reset(self) -> None:
-        self.pending = None
-
 
 def _keep(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` where ``mask`` (leading dims of the tensors) is set, else ``old``."""
@@ -198,7 +195,8 @@ def settle_compact(
             full = _write_back(full, states, rows)
             rows = kept if rows is None else rows[kept]
             states, ctx = iterations.load(full, rows, context)
-            counts.reset()  # the queued count is of the old set
+            # the count queued for iteration k stays good for the next decision: every token it
+            # counts is active after iteration k, so it is in the new set
     full = _write_back(full, states, rows)
     full = [x.view(*grid, *x.shape[1:]) for x in full]
     return full[0], full[1], list(zip(full[2::2], full[3::2]))
@@ -221,16 +219,13 @@ def planned_set_sizes(k_used: Tensor, k_max: int, pad_to: Callable[[int], int] |
     tell the work halting leaves (the sum of these over k_max x B*T) from the time it takes."""
     counts = torch.bincount(k_used.flatten().long(), minlength=k_max + 1)
     active_after = [int(counts[j + 1:].sum()) for j in range(k_max + 1)]  # active after iteration j
-    size, lagged, sizes = k_used.numel(), False, []  # lagged: a count of this set has been read
+    size, sizes = k_used.numel(), []
     for k in range(1, k_max + 1):
         sizes.append(size)
-        active = active_after[k - 1] if lagged else None  # the count read one iteration late
-        lagged = True
+        active = active_after[k - 1] if k > 1 else None  # the count read one iteration late
         if active == 0:
             break
         if active is None or active >= RECOMPACT_BELOW * size or k == k_max:
             continue
-        new_size = active if pad_to is None else pad_to(active)
-        if new_size < size:
-            size, lagged = new_size, False
+        size = min(size, active if pad_to is None else pad_to(active))
     return sizes
