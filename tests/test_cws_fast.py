@@ -675,18 +675,21 @@ def test_working_set_buckets_are_few_and_tight():
 @cuda_only
 @pytest.mark.parametrize("compile_step", [False, True])
 def test_cuda_graph_compact_loop_equals_reference(compile_step, inductor, selects):
-    """Halting on: the working set's steps replayed from graphs at padded sizes."""
+    """Halting on: the working set's steps replayed from graphs at padded sizes; the third call
+    shrinks by replaying the first call's captured shrinks."""
     model = tiny_model(d_model=32, n_heads=2).eval().cuda()
-    for seed in range(2):
+    for seed in (0, 1, 0):
         ids = tokens(batch=8, length=64, seed=seed).cuda()
         ref = settle_with(model, ids, "reference", tol=0.3)
         fast = settle_with(model, ids, "compact", tol=0.3, compile_step=compile_step, cuda_graph=True)
         assert torch.equal(fast.k_used, ref.k_used)
         torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
     assert selects  # the set did shrink
-    names = {key[0][0] for key in graphed_keys(model)}  # key[0] holds the step name first
+    keys = [key for key in graphed_keys(model) if key[0] != "shrink"]
+    names = {key[0][0] for key in keys}  # key[0] holds the step name first
     assert names == {f"{'compiled' if compile_step else 'eager'} iteration"}, names  # whole iterations
-    assert sum(key[1] is not None for key in graphed_keys(model)) >= 2  # ... also of shrunken sets (key[1]: size)
+    assert sum(key[1] is not None for key in keys) >= 2  # ... also of shrunken sets (key[1]: size)
+    assert len(graphed_keys(model)) > len(keys)  # and shrinks
 
 
 class _ReplayedOnCPU:
@@ -698,6 +701,8 @@ class _ReplayedOnCPU:
 
     def replay(self):
         outputs, new = self.outputs, self.run()
+        if outputs is None:  # a capture that only writes buffers of others (a shrink)
+            return
         for out, x in zip(*(o if isinstance(o, tuple) else (o,) for o in (outputs, new))):
             out.copy_(x)
 
@@ -738,9 +743,44 @@ def test_graphed_compact_iterations_equal_the_reference(graphs_on_cpu, rule, tol
         assert_same_settling(fast, ref)
         planned |= set(planned_set_sizes(ref.k_used, 12, graphed.bucket)[1:])
     keys = graphed_keys(model)
-    assert selects and len(keys) == 1 + len(set(selects))  # the grid and one capture per set size
-    assert {key[1] for key in keys} == {None} | planned - {ids.numel()}  # the sizes the rule plans, lag included
-    assert {key[0][0] for key in keys} == {"eager iteration"}
+    iterations = [key for key in keys if key[0] != "shrink"]
+    shrinks = [key for key in keys if key[0] == "shrink"]
+    assert selects and len(iterations) == 1 + len(set(selects))  # the grid and one capture per set size
+    assert {key[1] for key in iterations} == {None} | planned - {ids.numel()}  # the sizes the rule plans, lag included
+    assert {key[0][0] for key in iterations} == {"eager iteration"}
+    assert {key[-1] for key in shrinks} == planned - {ids.numel()}  # one shrink captured per size shrunk to
+
+
+def test_graphed_compact_loop_replays_its_shrinks(graphs_on_cpu, monkeypatch):
+    """A second call on the same tokens shrinks by replaying the captured shrinks (none runs
+    eagerly), which read and write the captures' buffers: the reference's K, states and traces."""
+    from parallax.models.cws import compact
+
+    eager = []
+    original = compact.Iterations.shrink
+    monkeypatch.setattr(compact.Iterations, "shrink", lambda self, *args: eager.append(1) or original(self, *args))
+    model = tiny_model().eval()
+    ids = tokens(8, 64)
+    ref = settle_with(model, ids, "reference", tol=0.6)
+    assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=0.6), ref)
+    shrinks = len(eager)
+    assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=0.6), ref)
+    assert shrinks >= 3 and len(eager) == shrinks  # from the grid, and from sets
+
+
+def test_graphed_compact_loop_with_captures_evicted(graphs_on_cpu, monkeypatch):
+    """With room for a few captures only, sets, shrinks and the grid's capture are evicted and
+    made again between and within calls: a shrink must never read or write the buffers of a
+    capture that is no longer the loop's (the reference's K, states and traces each time)."""
+    from parallax.models.cws import graphed
+
+    monkeypatch.setattr(graphed, "GRAPHS_PER_WORKSPACE", 7)
+    model = tiny_model().eval()
+    for seed in (0, 1, 0, 0):
+        for tol in (0.6, 1.0):
+            ids = tokens(8, 64, seed=seed)
+            assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=tol),
+                                 settle_with(model, ids, "reference", tol=tol))
 
 
 def test_graphed_compact_iterations_at_one_iteration_and_their_monitors(graphs_on_cpu):

@@ -121,6 +121,15 @@ class Iterations:
             return states, context
         return [x[rows].unsqueeze(0) for x in states], context.select(rows)
 
+    def shrink(
+        self, full: list[Tensor], states: list[Tensor], rows: Tensor | None, size: int, context: TokenContext
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, TokenContext]:
+        """Shrink the working set to ``size`` tokens (``shrunk_rows``): returns the grid states,
+        the new set's states, its rows and its context."""
+        full, rows = shrunk_rows(self.monitor, full, states, rows, size)
+        states, context = self.load(full, rows, context)
+        return full, states, rows, context
+
     def __call__(self, k: int, states: list[Tensor], rows: Tensor | None, context: TokenContext) -> Tensor:
         return self.function(rows)(self.workspace, self.pool, context, self.monitor, states, rows, self.number(k))
 
@@ -188,26 +197,32 @@ def settle_compact(
             continue
         new_size = active if pad_to is None else pad_to(active)
         if new_size < size:
-            still = monitor.flat_active if rows is None else monitor.flat_active[rows]
-            # the tokens active after iteration k first (no more than after k - 1), then halted
-            # ones: sorting, unlike selecting the active ones, needs no host read of their number
-            kept = torch.argsort(~still, stable=True)[:new_size]
-            full = _write_back(full, states, rows)
-            rows = kept if rows is None else rows[kept]
-            states, ctx = iterations.load(full, rows, context)
+            full, states, rows, ctx = iterations.shrink(full, states, rows, new_size, context)
             # the count queued for iteration k stays good for the next decision: every token it
             # counts is active after iteration k, so it is in the new set
-    full = _write_back(full, states, rows)
-    full = [x.view(*grid, *x.shape[1:]) for x in full]
+    full = _written_back(full, states, rows)
+    full = [x.view(*grid, *x.shape[1:]).clone() for x in full]  # not a CUDA graph's buffers
     return full[0], full[1], list(zip(full[2::2], full[3::2]))
 
 
-def _write_back(full: list[Tensor], states: list[Tensor], rows: Tensor | None) -> list[Tensor]:
-    """The (B*T, ...) grid tensors with the working set's rows replaced by its states (the
-    grid's own tensors: the states may be a CUDA graph's buffers, which its next call
-    overwrites)."""
+def shrunk_rows(
+    monitor: HaltMonitor, full: list[Tensor], states: list[Tensor], rows: Tensor | None, size: int
+) -> tuple[list[Tensor], Tensor]:
+    """The set's states written into the (B*T, ...) grid ``full`` (on the first shrink, the grid
+    states themselves), and the flat indices of the next set: the ``size`` tokens active after
+    the last iteration first (no more than that), then halted ones. Sorting, unlike selecting the
+    active ones, needs no host read of their number."""
+    still = monitor.flat_active if rows is None else monitor.flat_active[rows]
+    kept = torch.argsort(~still, stable=True)[:size]
+    full = _written_back(full, states, rows)
+    return full, kept if rows is None else rows[kept]
+
+
+def _written_back(full: list[Tensor], states: list[Tensor], rows: Tensor | None) -> list[Tensor]:
+    """The (B*T, ...) grid tensors with the working set's rows replaced by its states (on the
+    whole grid, the states viewed as such)."""
     if rows is None:
-        return [x.flatten(0, 1).clone() for x in states]
+        return [x.flatten(0, 1) for x in states]
     for f, x in zip(full, states):
         f.index_copy_(0, rows, x[0])
     return full

@@ -49,12 +49,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from parallax.models.cws.compact import Iterations
+from parallax.models.cws.compact import Iterations, shrunk_rows
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
 from parallax.models.graph_step import uncached_autocast
 
-GRAPHS_PER_WORKSPACE = 64  # the compact loop visits one working-set size per shrink
+GRAPHS_PER_WORKSPACE = 128  # the compact loop visits one working-set size, and one shrink, per shrink
 MONITORS_PER_WORKSPACE = 8  # grids and halting settings whose compact-loop captures stay ready
 WARMUP_RUNS = 3  # on a side stream before capture: compilation, cuBLAS workspaces, allocator
 BUCKET_STEPS = (1.0, 1.25, 1.5, 1.75)  # working-set sizes: 2^e times one of these
@@ -74,14 +74,20 @@ class _Graphs:
         self.steps: OrderedDict = OrderedDict()
         self.monitors: dict = {}
 
+    def get(self, key):
+        """The capture under ``key`` (now the newest), or None."""
+        captured = self.steps.get(key)
+        if captured is not None:
+            self.steps.move_to_end(key)
+        return captured
+
     def keep(self, key, capture: Callable):
         """The capture under ``key``, made by ``capture()`` if there is none."""
-        captured = self.steps.get(key)
+        captured = self.get(key)
         if captured is None:
             captured = self.steps[key] = capture()
             while len(self.steps) > GRAPHS_PER_WORKSPACE:
                 self.steps.popitem(last=False)
-        self.steps.move_to_end(key)
         return captured
 
     def capture(self, run: Callable, restore: Callable[[], None] = lambda: None):
@@ -184,7 +190,10 @@ class GraphedIterations(Iterations):
     """The compact loop's iterations, each replayed whole from a CUDA graph: the step, the
     halting monitor, the masks and the active count (``compact.iterate``), one capture per
     working-set size. The host then launches one graph per iteration and reads the count,
-    instead of launching the monitor's and masks' few dozen kernels itself.
+    instead of launching the monitor's and masks' few dozen kernels itself. A shrink is one
+    replay too (``_CapturedShrink``) once it has been seen: at small sets its dozen gathers
+    and copies, launched one by one, took the host longer than the iteration before it took
+    the GPU.
 
     A capture iterates its own buffers in place: ``load`` copies a new working set's states
     (and its rows and context) in and hands the buffers back to the loop. The monitor must
@@ -200,6 +209,7 @@ class GraphedIterations(Iterations):
             tuple(x.data_ptr() for x in monitor.tensors()), monitor.rule, monitor.tol, monitor.k_min,
         )
         self.current: _CapturedIteration | None = None
+        self.grid: _CapturedIteration | None = None  # the whole grid's capture, whose states are the grid's
 
     def load(self, states, rows, context):
         size = None if rows is None else rows.numel()  # with the grid's shapes, the set's
@@ -207,7 +217,27 @@ class GraphedIterations(Iterations):
         self.current = self.graphs.keep(
             key, lambda: _CapturedIteration(self, *Iterations.load(self, states, rows, context), rows)
         )
+        if rows is None:
+            self.grid = self.current
         return self.current.load(states, rows, context), self.current.context
+
+    def shrink(self, full, states, rows, size, context):
+        """As ``Iterations.shrink``, from the grid capture's buffers (its states are the grid's
+        ``full``, its context the grid's): the first time from one set to the next eagerly,
+        which captures the new set's iteration, and then the shrink itself for later calls."""
+        # by the captures themselves (kept alive by the shrink's capture): a key equal to an
+        # evicted one's may come back as a new capture with buffers of its own
+        key = ("shrink", id(self.current), id(self.grid), size)
+        shrink = self.graphs.get(key)
+        if shrink is None:
+            source, grid = self.current, self.grid
+            full, states, rows, _ = super().shrink(full, states, rows, size, grid.context)
+            self.graphs.keep(key, lambda: _CapturedShrink(self, source, self.current, grid, size))
+        else:
+            shrink.graph.replay()
+            self.current = shrink.target
+            full, states, rows = shrink.full, shrink.target.states, shrink.target.rows
+        return full, states, rows, self.current.context
 
     def __call__(self, k, states, rows, context):
         return self.current.run(k)
@@ -314,3 +344,22 @@ class _CapturedIteration:
         self.k.fill_(k)
         self.graph.replay()
         return self.count
+
+
+class _CapturedShrink:
+    """One captured shrink from the working set of ``source`` (or the whole grid) to that of
+    ``target``: ``compact.shrunk_rows`` on the buffers of the captures (the grid's states and
+    context are those of ``grid``, written in by its ``load`` at the start of every call), then
+    ``target.load``. Replaying it repeats the eager shrink it was captured after, whose result
+    it leaves unchanged (it writes the same values)."""
+
+    def __init__(self, iterations: GraphedIterations, source, target, grid, size: int):
+        self.source, self.target, self.grid = source, target, grid  # whose buffers it reads and writes
+        self.full = [x.flatten(0, 1) for x in grid.states]
+        monitor = iterations.monitor
+
+        def run():
+            _, rows = shrunk_rows(monitor, self.full, source.states, source.rows, size)
+            target.load(self.full, rows, grid.context)
+
+        self.graph, _ = iterations.graphs.capture(_autocast_run(run))
