@@ -674,17 +674,24 @@ def test_working_set_buckets_are_few_and_tight():
 
 @cuda_only
 @pytest.mark.parametrize("compile_step", [False, True])
-def test_cuda_graph_compact_loop_equals_reference(compile_step, inductor, selects):
+def test_cuda_graph_compact_loop_equals_reference(compile_step, inductor, selects, monkeypatch):
     """Halting on: the working set's steps replayed from graphs at padded sizes; the third call
-    shrinks by replaying the first call's captured shrinks."""
+    shrinks by replaying the first call's captured shrinks (none runs eagerly)."""
+    from parallax.models.cws import compact
+
+    eager = []
+    original = compact.Iterations.shrink
+    monkeypatch.setattr(compact.Iterations, "shrink", lambda self, *args: eager.append(1) or original(self, *args))
     model = tiny_model(d_model=32, n_heads=2).eval().cuda()
     for seed in (0, 1, 0):
         ids = tokens(batch=8, length=64, seed=seed).cuda()
         ref = settle_with(model, ids, "reference", tol=0.3)
+        shrunk = len(eager)
         fast = settle_with(model, ids, "compact", tol=0.3, compile_step=compile_step, cuda_graph=True)
         assert torch.equal(fast.k_used, ref.k_used)
         torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
     assert selects  # the set did shrink
+    assert len(eager) == shrunk  # the third call's shrinks were replays
     keys = [key for key in graphed_keys(model) if key[0] != "shrink"]
     names = {key[0][0] for key in keys}  # key[0] holds the step name first
     assert names == {f"{'compiled' if compile_step else 'eager'} iteration"}, names  # whole iterations
@@ -768,10 +775,29 @@ def test_graphed_compact_loop_replays_its_shrinks(graphs_on_cpu, monkeypatch):
     assert shrinks >= 3 and len(eager) == shrinks  # from the grid, and from sets
 
 
-def test_graphed_compact_loop_with_captures_evicted(graphs_on_cpu, monkeypatch):
-    """With room for a few captures only, sets, shrinks and the grid's capture are evicted and
-    made again between and within calls: a shrink must never read or write the buffers of a
-    capture that is no longer the loop's (the reference's K, states and traces each time)."""
+def test_graphed_compact_loop_with_a_capture_evicted(graphs_on_cpu):
+    """A capture dropped from the cache (the grid's, or a set's) while shrinks that read it stay
+    is made anew under the same key: no stale shrink may then run on the old buffers (the
+    reference's K, states and traces for other tokens and for the first ones again)."""
+    from parallax.models.cws import graphed
+
+    for evicted in ("grid", "set"):
+        model = tiny_model().eval()
+        ids = tokens(8, 64)
+        ref = settle_with(model, ids, "reference", tol=0.6)
+        assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=0.6), ref)
+        steps = graphed._graphs[model.workspace].steps
+        captures = [key for key in steps if key[0] != "shrink" and (key[1] is None) == (evicted == "grid")]
+        del steps[captures[0]]  # bypassing the cache's own eviction, which drops the shrinks too
+        other = tokens(8, 64, seed=3)
+        assert_same_settling(settle_with(model, other, "compact", cuda_graph=True, tol=0.6),
+                             settle_with(model, other, "reference", tol=0.6))
+        assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=0.6), ref)
+
+
+def test_graphed_compact_loop_in_a_small_cache(graphs_on_cpu, monkeypatch):
+    """With room for a few captures only, evicting one drops the shrinks that read it, so no
+    cached shrink keeps an evicted capture alive; the results stay the reference's."""
     from parallax.models.cws import graphed
 
     monkeypatch.setattr(graphed, "GRAPHS_PER_WORKSPACE", 7)
@@ -781,6 +807,20 @@ def test_graphed_compact_loop_with_captures_evicted(graphs_on_cpu, monkeypatch):
             ids = tokens(8, 64, seed=seed)
             assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=tol),
                                  settle_with(model, ids, "reference", tol=tol))
+            steps = graphed._graphs[model.workspace].steps
+            assert len(steps) <= 7
+            held = list(steps.values())
+            for shrink in (v for v in held if hasattr(v, "captures")):
+                assert all(any(c is v for v in held) for c in shrink.captures)
+
+
+def test_graphed_compact_loop_returns_tensors_of_its_own(graphs_on_cpu):
+    """The settled states are not the captures' buffers, which the next call overwrites."""
+    model = tiny_model().eval()
+    first = settle_with(model, tokens(8, 64), "compact", cuda_graph=True, tol=0.6)
+    kept = first.h.clone()
+    settle_with(model, tokens(8, 64, seed=1), "compact", cuda_graph=True, tol=0.6)
+    assert torch.equal(first.h, kept)
 
 
 def test_graphed_compact_iterations_at_one_iteration_and_their_monitors(graphs_on_cpu):
@@ -927,10 +967,11 @@ def test_lagged_count_returns_the_previous_count(device):
     assert seen == [None, 5, 3]
 
 
-def test_compact_loop_shrinks_on_consecutive_iterations():
+def test_planned_set_sizes_shrink_on_consecutive_iterations():
     """Halving counts: the set shrinks at every iteration once the lagged count allows it
     (a count queued before a shrink still counts tokens of the new set), and stops one
-    iteration after the count says none is active."""
+    iteration after the count says none is active. (That the loop runs these sizes is
+    ``test_planned_set_sizes_replay_the_compact_loop``.)"""
     k_used = torch.tensor([3] * 500 + [4] * 250 + [5] * 125 + [6] * 125)
     assert planned_set_sizes(k_used, 12) == [1000] * 4 + [500, 250, 125]
 

@@ -55,7 +55,7 @@ class LaggedCount:
 
     def push(self, count: Tensor) -> int | None:
         """Queue this iteration's ``count`` (a 0-dim device tensor); return the previous
-        pushed one (None right after a ``reset``)."""
+        pushed one (None on the first push)."""
         previous = None
         if self.pending is not None:
             value, event = self.pending

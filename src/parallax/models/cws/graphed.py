@@ -14,7 +14,8 @@ A captured step is one launch. Every no-grad iteration of ``settle`` can use one
   step with the monitor, the masks and the active count, since the loop reads that count
   every iteration and would otherwise wait on dozens of launches per iteration. The working
   set shrinks, so its size is padded to one of a few dozen buckets (``bucket``) and each
-  bucket has its capture. Halting then saves GPU work without paying the launches of every
+  bucket has its capture; each shrink from one capture's set to another's is captured too
+  (``_CapturedShrink``). Halting then saves GPU work without paying the launches of every
   iteration of a small set.
 
 A graph of one iteration, replayed per iteration, keeps memory independent of K (a capture
@@ -31,9 +32,9 @@ addresses; ``model.to(...)`` or a RoPE table grown for a longer sequence makes n
 Autocast's weight-cast cache is off inside, so every replay casts the current weights (a
 cached cast would be a tensor of the capture's step). A workspace's graphs share one memory
 pool: their outputs are only valid until the next replay of any of them, and are used at
-once. Each graph also keeps its own copy of the inputs: the state and the token context at
-its size, so the buckets of one grid hold a few times one full-grid context in all (and each a
-copy of the probe's per-sequence keys and values, which are small). Not used while
+once. Each graph of an iteration also keeps its own copy of the inputs: the state and the
+token context at its size, so the buckets of one grid hold a few times one full-grid context in
+all (and each a copy of the probe's per-sequence keys and values, which are small). Not used while
 ``torch.compile`` traces the model (``mode="reduce-overhead"`` then gives the whole forward
 CUDA graphs). In incremental decoding with ``cuda_graph`` the attention probe's keys are the
 cache's whole buffers with a mask (``AttentionProbe``), so one graph serves every token.
@@ -81,13 +82,20 @@ class _Graphs:
             self.steps.move_to_end(key)
         return captured
 
+    def holds(self, captured) -> bool:
+        return any(captured is other for other in self.steps.values())
+
     def keep(self, key, capture: Callable):
-        """The capture under ``key``, made by ``capture()`` if there is none."""
+        """The capture under ``key``, made by ``capture()`` if there is none; the oldest go
+        beyond ``GRAPHS_PER_WORKSPACE``, and with each the shrinks that read its buffers (which
+        would otherwise keep it alive, uncounted)."""
         captured = self.get(key)
         if captured is None:
             captured = self.steps[key] = capture()
             while len(self.steps) > GRAPHS_PER_WORKSPACE:
-                self.steps.popitem(last=False)
+                _, evicted = self.steps.popitem(last=False)
+                for other in [k for k, v in self.steps.items() if evicted in getattr(v, "captures", ())]:
+                    del self.steps[other]
         return captured
 
     def capture(self, run: Callable, restore: Callable[[], None] = lambda: None):
@@ -215,7 +223,7 @@ class GraphedIterations(Iterations):
         size = None if rows is None else rows.numel()  # with the grid's shapes, the set's
         key = (self.fixed, size, _context_key(context, [*states, *_context_tensors(context)]))
         self.current = self.graphs.keep(
-            key, lambda: _CapturedIteration(self, *Iterations.load(self, states, rows, context), rows)
+            key, lambda: _CapturedIteration(self, *Iterations.load(self, states, rows, context), rows, key)
         )
         if rows is None:
             self.grid = self.current
@@ -223,8 +231,9 @@ class GraphedIterations(Iterations):
 
     def shrink(self, full, states, rows, size, context):
         """As ``Iterations.shrink``, from the grid capture's buffers (its states are the grid's
-        ``full``, its context the grid's): the first time from one set to the next eagerly,
-        which captures the new set's iteration, and then the shrink itself for later calls."""
+        ``full``, its context the grid's, so ``context`` is not read): the first time from one
+        set to the next eagerly, which captures the new set's iteration, and then the shrink
+        itself for later calls."""
         # by the captures themselves (kept alive by the shrink's capture): a key equal to an
         # evicted one's may come back as a new capture with buffers of its own
         key = ("shrink", id(self.current), id(self.grid), size)
@@ -232,9 +241,11 @@ class GraphedIterations(Iterations):
         if shrink is None:
             source, grid = self.current, self.grid
             full, states, rows, _ = super().shrink(full, states, rows, size, grid.context)
-            self.graphs.keep(key, lambda: _CapturedShrink(self, source, self.current, grid, size))
+            if all(self.graphs.holds(c) for c in (source, self.current, grid)):  # none evicted meanwhile
+                self.graphs.keep(key, lambda: _CapturedShrink(self, source, self.current, grid, size))
         else:
             shrink.graph.replay()
+            self.graphs.get(shrink.target.key)  # in use: the newest
             self.current = shrink.target
             full, states, rows = shrink.full, shrink.target.states, shrink.target.rows
         return full, states, rows, self.current.context
@@ -300,7 +311,8 @@ class _CapturedIteration:
     """One captured ``compact.iterate`` over buffers of its own: states, rows, context and
     the iteration number; its output is the active count."""
 
-    def __init__(self, iterations: GraphedIterations, states, context, rows):
+    def __init__(self, iterations: GraphedIterations, states, context, rows, key):
+        self.key = key
         self.states = [x.clone() for x in states]
         self.rows = None if rows is None else rows.clone()
         self.context = _clone_context(context)
@@ -354,7 +366,8 @@ class _CapturedShrink:
     it leaves unchanged (it writes the same values)."""
 
     def __init__(self, iterations: GraphedIterations, source, target, grid, size: int):
-        self.source, self.target, self.grid = source, target, grid  # whose buffers it reads and writes
+        self.target = target
+        self.captures = (source, target, grid)  # whose buffers it reads and writes (``_Graphs.keep``)
         self.full = [x.flatten(0, 1) for x in grid.states]
         monitor = iterations.monitor
 
