@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from parallax.bench.halting import model_and_tokens, settle_call
-from parallax.bench.throughput import ThroughputConfig
+from parallax.bench.halting import graphed_loops
 from parallax.models.cws import graphed
 
 marks: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
@@ -38,36 +37,29 @@ def _timed(run):
 def main(out: str, tol: float = 0.5, *overrides: str) -> None:
     graphed._CapturedIteration.run = _timed(graphed._CapturedIteration.run)
     graphed._CapturedStep.run = _timed(graphed._CapturedStep.run)
-    model, ids = model_and_tokens(ThroughputConfig(overrides=overrides), torch.device("cuda"))
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tol": tol,
               "overrides": list(overrides), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        context = model.pool.token_clocked(model.embed(ids), None)
-        for name, knobs in {"off": dict(halting=False, tol=0.0, loop="reference"),
-                            "compact": dict(halting=True, tol=tol, loop="compact")}.items():
-            call = settle_call(model, context, compile_step=True, cuda_graph=True, **knobs)
-            for _ in range(3):
-                call()
-            runs = []
-            for _ in range(5):
-                marks.clear()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call()
-                end.record()
-                torch.cuda.synchronize()
-                iterations, previous = [], start
-                for size, before, after in marks:
-                    iterations.append(dict(size=size, before_ms=previous.elapsed_time(before),
-                                           replay_ms=before.elapsed_time(after)))
-                    previous = after
-                runs.append(dict(total_ms=start.elapsed_time(end), after_ms=previous.elapsed_time(end),
-                                 iterations=iterations))
-            report[name] = {"runs": runs}
-            median = sorted(runs, key=lambda r: r["total_ms"])[len(runs) // 2]
-            print(f"{name}: {median['total_ms']:.2f} ms")
-            for it in median["iterations"]:
-                print(f"  {it['size']:6}  before {1e3 * it['before_ms']:7.1f} us  replay {1e3 * it['replay_ms']:7.1f} us")
+    for name, call in graphed_loops(tol, overrides):
+        runs = []
+        for _ in range(5):
+            marks.clear()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            iterations, previous = [], start
+            for size, before, after in marks:
+                iterations.append(dict(size=size, before_ms=previous.elapsed_time(before),
+                                       replay_ms=before.elapsed_time(after)))
+                previous = after
+            runs.append(dict(total_ms=start.elapsed_time(end), after_ms=previous.elapsed_time(end),
+                             iterations=iterations))
+        report[name] = {"runs": runs}
+        median = sorted(runs, key=lambda r: r["total_ms"])[len(runs) // 2]
+        print(f"{name}: {median['total_ms']:.2f} ms")
+        for it in median["iterations"]:
+            print(f"  {it['size']:6}  before {1e3 * it['before_ms']:7.1f} us  replay {1e3 * it['replay_ms']:7.1f} us")
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
 

@@ -15,8 +15,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from parallax.bench.halting import model_and_tokens, settle_call
-from parallax.bench.throughput import ThroughputConfig
+from parallax.bench.halting import graphed_loops
 from parallax.models.cws import graphed
 from parallax.models.cws.compact import planned_set_sizes
 
@@ -44,32 +43,25 @@ def timeline(prof) -> dict:
 
 
 def main(out: str, tol: float = 0.5) -> None:
-    model, ids = model_and_tokens(ThroughputConfig(), torch.device("cuda"))
-    cfg = model.config
     report = {"device": torch.cuda.get_device_name(), "tol": tol}
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        context = model.pool.token_clocked(model.embed(ids), None)
-        for name, knobs in {"off": dict(halting=False, tol=0.0, loop="reference"),
-                            "compact": dict(halting=True, tol=tol, loop="compact")}.items():
-            call = settle_call(model, context, compile_step=True, cuda_graph=True, **knobs)
-            for _ in range(3):
-                result = call()
+    for name, call in graphed_loops(tol):
+        result = call()
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(10):
+            start = time.perf_counter()
+            call()
             torch.cuda.synchronize()
-            walls = []
-            for _ in range(10):
-                start = time.perf_counter()
-                call()
-                torch.cuda.synchronize()
-                walls.append((time.perf_counter() - start) * 1e3)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                call()
-                torch.cuda.synchronize()
-            report[name] = dict(
-                wall_ms=sorted(walls)[5], mean_k=result.k_used.float().mean().item(), **timeline(prof),
-                sizes=planned_set_sizes(result.k_used, cfg.k_max, graphed.bucket) if knobs["halting"] else None,
-                top=prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70),
-            )
-            print(name, {k: v for k, v in report[name].items() if k not in ("top", "gaps")}, flush=True)
+            walls.append((time.perf_counter() - start) * 1e3)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        report[name] = dict(
+            wall_ms=sorted(walls)[5], mean_k=result.k_used.float().mean().item(), **timeline(prof),
+            sizes=planned_set_sizes(result.k_used, result.trace.shape[-1], graphed.bucket) if name == "compact" else None,
+            top=prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70),
+        )
+        print(name, {k: v for k, v in report[name].items() if k not in ("top", "gaps")}, flush=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
 

@@ -75,6 +75,22 @@ def model_and_tokens(tc: ThroughputConfig, device: torch.device):
     return model, torch.randint(0, tc.vocab, (tc.batch, tc.seq), device=device, generator=generator)
 
 
+def graphed_loops(tol: float, overrides: tuple[str, ...] = (), device: str = "cuda"):
+    """Yields ("off", call) and ("compact", call): the no-grad loop with halting off and the
+    compact loop at ``tol``, compiled with CUDA graphs, each warmed up (3 calls), run under bf16
+    autocast (the contexts stay open while the caller times a call) -- what the
+    ``benchmarks/halting_*.py`` profiles look into. The model is ``model_and_tokens``'s."""
+    model, ids = model_and_tokens(ThroughputConfig(overrides=overrides), torch.device(device))
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        context = model.pool.token_clocked(model.embed(ids), None)
+        for name, knobs in {"off": dict(halting=False, tol=0.0, loop="reference"),
+                            "compact": dict(halting=True, tol=tol, loop="compact")}.items():
+            call = settle_call(model, context, compile_step=True, cuda_graph=True, **knobs)
+            for _ in range(3):
+                call()
+            yield name, call
+
+
 def run_halting(
     tc: ThroughputConfig, tolerances=DEFAULT_TOLERANCES, compile_step: bool = True, log=print
 ) -> dict[str, Any]:
