@@ -182,7 +182,6 @@ def settle_compact(
     they are.
     """
     grid = h.shape[:2]
-    monitor = iterations.monitor
     states = [x.clone() for x in [h, cum] * (1 + history)]  # [h, cum, ring_0 h, ring_0 cum, ...]
     rows: Tensor | None = None  # flat indices of the working set; None: the whole grid
     states, ctx = iterations.load(states, rows, context)
