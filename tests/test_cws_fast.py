@@ -72,6 +72,22 @@ def selects(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def eager_shrinks(monkeypatch):
+    """Counts the compact loop's shrinks run eagerly (not replayed from a captured shrink)."""
+    from parallax.models.cws import compact
+
+    calls = []
+    original = compact.Iterations.shrink
+
+    def counting(self, *args):
+        calls.append(args[3])  # the new size
+        return original(self, *args)
+
+    monkeypatch.setattr(compact.Iterations, "shrink", counting)
+    return calls
+
+
 def shrinks(k_used, k_max):
     """Whether the compact loop shrinks its set, from the reference's K per token: the count
     of active tokens after iteration k - 1 is read at the end of iteration k; the first
@@ -674,24 +690,19 @@ def test_working_set_buckets_are_few_and_tight():
 
 @cuda_only
 @pytest.mark.parametrize("compile_step", [False, True])
-def test_cuda_graph_compact_loop_equals_reference(compile_step, inductor, selects, monkeypatch):
+def test_cuda_graph_compact_loop_equals_reference(compile_step, inductor, selects, eager_shrinks):
     """Halting on: the working set's steps replayed from graphs at padded sizes; the third call
     shrinks by replaying the first call's captured shrinks (none runs eagerly)."""
-    from parallax.models.cws import compact
-
-    eager = []
-    original = compact.Iterations.shrink
-    monkeypatch.setattr(compact.Iterations, "shrink", lambda self, *args: eager.append(1) or original(self, *args))
     model = tiny_model(d_model=32, n_heads=2).eval().cuda()
     for seed in (0, 1, 0):
         ids = tokens(batch=8, length=64, seed=seed).cuda()
         ref = settle_with(model, ids, "reference", tol=0.3)
-        shrunk = len(eager)
+        shrunk = len(eager_shrinks)
         fast = settle_with(model, ids, "compact", tol=0.3, compile_step=compile_step, cuda_graph=True)
         assert torch.equal(fast.k_used, ref.k_used)
         torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
     assert selects  # the set did shrink
-    assert len(eager) == shrunk  # the third call's shrinks were replays
+    assert len(eager_shrinks) == shrunk  # the third call's shrinks were replays
     keys = [key for key in graphed_keys(model) if key[0] != "shrink"]
     names = {key[0][0] for key in keys}  # key[0] holds the step name first
     assert names == {f"{'compiled' if compile_step else 'eager'} iteration"}, names  # whole iterations
@@ -758,21 +769,16 @@ def test_graphed_compact_iterations_equal_the_reference(graphs_on_cpu, rule, tol
     assert {key[-1] for key in shrinks} == planned - {ids.numel()}  # one shrink captured per size shrunk to
 
 
-def test_graphed_compact_loop_replays_its_shrinks(graphs_on_cpu, monkeypatch):
+def test_graphed_compact_loop_replays_its_shrinks(graphs_on_cpu, eager_shrinks):
     """A second call on the same tokens shrinks by replaying the captured shrinks (none runs
     eagerly), which read and write the captures' buffers: the reference's K, states and traces."""
-    from parallax.models.cws import compact
-
-    eager = []
-    original = compact.Iterations.shrink
-    monkeypatch.setattr(compact.Iterations, "shrink", lambda self, *args: eager.append(1) or original(self, *args))
     model = tiny_model().eval()
     ids = tokens(8, 64)
     ref = settle_with(model, ids, "reference", tol=0.6)
     assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=0.6), ref)
-    shrinks = len(eager)
+    first = len(eager_shrinks)
     assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=0.6), ref)
-    assert shrinks >= 3 and len(eager) == shrinks  # from the grid, and from sets
+    assert first >= 3 and len(eager_shrinks) == first  # from the grid, and from sets
 
 
 def test_graphed_compact_loop_with_a_capture_evicted(graphs_on_cpu):

@@ -83,6 +83,7 @@ class _Graphs:
         return captured
 
     def holds(self, captured) -> bool:
+        """Whether ``captured`` is still among the kept captures (not evicted)."""
         return any(captured is other for other in self.steps.values())
 
     def keep(self, key, capture: Callable):
