@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from parallax.models import build_model
 from parallax.models.cws import CWSConfig
-from parallax.models.cws.compact import RECOMPACT_BELOW, LaggedCount, planned_set_sizes
+from parallax.models.cws.compact import ActiveCounts, planned_set_sizes, worth_waiting
 from parallax.models.cws.pool import TokenContext
 from parallax.models.cws.settle import settle
 from parallax.ops import fused_read
@@ -89,14 +89,10 @@ def eager_shrinks(monkeypatch):
 
 
 def shrinks(k_used, k_max):
-    """Whether the compact loop shrinks its set, from the reference's K per token: the count
-    of active tokens after iteration k - 1 is read at the end of iteration k; the first
-    share below the threshold shrinks the set to that many tokens, unless that is none
-    (the loop ends) or k is the last iteration."""
-    active = [(k_used > j).sum().item() for j in range(k_max + 1)]  # after iteration j
-    n = k_used.numel()
-    first = next((k for k in range(2, k_max + 1) if active[k - 1] < RECOMPACT_BELOW * n), None)
-    return first is not None and first < k_max and active[first - 1] > 0
+    """Whether the compact loop shrinks its set, from the reference's K per token (its rule
+    replayed on the counts; ``test_planned_set_sizes_replay_the_compact_loop`` checks that
+    replay against the loop)."""
+    return len(set(planned_set_sizes(k_used, k_max))) > 1
 
 
 def assert_same_settling(fast, ref):
@@ -967,19 +963,41 @@ def test_cuda_graph_in_incremental_decoding(experts, slots):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_lagged_count_returns_the_previous_count(device):
-    counts = LaggedCount(torch.device(device))
-    seen = [counts.push(torch.tensor(n, device=device)) for n in (5, 3, 0)]
-    assert seen == [None, 5, 3]
+def test_active_counts_are_read_one_iteration_late_unless_waited_for(device):
+    counts = ActiveCounts(8, torch.device(device))
+    seen = []
+    for n in (5, 3, 0):
+        counts.push(torch.tensor(n, device=device))
+        seen.append(list(counts.read))
+    counts.wait()
+    assert seen == [[8], [8, 5], [8, 5, 3]]
+    assert counts.read == [8, 5, 3, 0]
 
 
 def test_planned_set_sizes_shrink_on_consecutive_iterations():
-    """Halving counts: the set shrinks at every iteration once the lagged count allows it
-    (a count queued before a shrink still counts tokens of the new set), and stops one
-    iteration after the count says none is active. (That the loop runs these sizes is
+    """Halving counts: the set shrinks at every iteration once the lagged count allows it (a
+    count queued before a shrink still counts tokens of the new set), and stops one iteration
+    after the count says none is active (no decline before predicts the drop). A steady decline
+    of a tenth per iteration is waited for where it crosses the threshold, one iteration before
+    the lagged count would. (That the loop runs these sizes is
     ``test_planned_set_sizes_replay_the_compact_loop``.)"""
     k_used = torch.tensor([3] * 500 + [4] * 250 + [5] * 125 + [6] * 125)
     assert planned_set_sizes(k_used, 12) == [1000] * 4 + [500, 250, 125]
+    k_used = torch.tensor([2] * 100 + [3] * 90 + [4] * 81 + [12] * 729)  # after j: 1000, 1000, 900, 810, 729
+    assert planned_set_sizes(k_used, 12)[:6] == [1000] * 4 + [729] * 2
+
+
+def test_the_loop_waits_for_a_count_only_where_it_decides():
+    """No wait while the counts are flat or fall slowly, nor where the earlier count decides
+    already; a wait where the last rate of decline reaches the shrink threshold or zero."""
+    assert not worth_waiting([1000], 1000, None)  # one count: no rate
+    assert not worth_waiting([1000, 1000, 990], 1000, None)
+    assert worth_waiting([1000, 1000, 800], 1000, None)  # 640 expected, below 750
+    assert not worth_waiting([1000, 700], 1000, None)  # 700 shrinks the set already
+    assert worth_waiting([10, 8], 10, None)  # 6.4 expected: shrinks
+    assert worth_waiting([4, 1], 4, None)  # 0.25 expected: the end
+    assert not worth_waiting([1, 1], 512, lambda n: 512)  # the smallest bucket, still active
+    assert not worth_waiting([1000, 1000, 800], 1000, lambda n: 1000)  # no smaller bucket
 
 
 @pytest.mark.parametrize("pad", [False, True])

@@ -20,20 +20,22 @@ probe's keys and values are per sequence: the set's queries are scattered back o
 (B, T) grid and attend densely (see ``AttentionProbe.forward``), which keeps each query's
 own sequence and causal position without gathering keys per token.
 
-Shrinking and stopping need the number of active tokens on the host. The loop reads it one
-iteration late (``LaggedCount``): on CUDA the count is copied to pinned memory without
+Shrinking and stopping need the number of active tokens on the host. The loop mostly reads it
+one iteration late (``ActiveCounts``): on CUDA the count is copied to pinned memory without
 blocking, and the host waits only for the previous iteration while the current one is already
-queued, so the GPU is never left idle by the read. So the loop ends one iteration after the
-count says so (the extra iteration is a masked no-op), and a shrink after iteration k keeps
-as many tokens as were active after iteration k - 1 (the number the host has): those still
-active after iteration k first, then halted ones, which iterations leave as they are. Ordering
-the set's tokens so needs no host read; selecting just the active ones would wait for the
-GPU to finish iteration k before the next could be queued.
+queued, so the GPU is never left idle by the read. A shrink after iteration k then keeps as
+many tokens as were active after iteration k - 1 (the number the host has): those still
+active after iteration k first, then halted ones, which iterations leave as they are.
+Ordering the set's tokens so needs no host read. When the counts so far say that iteration
+k's count would end the loop or shrink the set (``worth_waiting``), the host waits for it:
+the GPU idles for the host's turnaround once, instead of running one more iteration of the
+larger set (or a masked no-op at the end).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,31 +48,63 @@ from parallax.models.cws.workspace import Workspace
 RECOMPACT_BELOW = 0.75  # shrink the working set when its active share falls below this
 
 
-class LaggedCount:
-    """Per-iteration counts read on the host one iteration late (see the module docstring)."""
+class ActiveCounts:
+    """The number of active tokens after each iteration, read on the host (see the module
+    docstring): each count is queued on the device with its iteration and read one iteration
+    late, or at once when the loop asks (``wait``). ``read`` holds the counts read so far,
+    after iterations 0 (all ``total`` tokens), 1, 2, ..."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, total: int, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.pending: tuple[Tensor, torch.cuda.Event | None] | None = None
+        self.read = [total]
+        self.pending: list[tuple[Tensor, torch.cuda.Event | None]] = []
 
-    def push(self, count: Tensor) -> int | None:
-        """Queue this iteration's ``count`` (a 0-dim device tensor); return the previous
-        pushed one (None on the first push)."""
-        previous = None
-        if self.pending is not None:
-            value, event = self.pending
-            if event is not None:
-                event.synchronize()
-            previous = int(value)
+    def push(self, count: Tensor) -> None:
+        """Queue this iteration's ``count`` (a 0-dim device tensor) and read the earlier ones."""
         if self.cuda:
             host = torch.empty((), dtype=count.dtype, pin_memory=True)
             host.copy_(count, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self.pending = (host, event)
+            self.pending.append((host, event))
         else:
-            self.pending = (count.clone(), None)  # a CUDA graph's output buffer is rewritten by its next replay
-        return previous
+            self.pending.append((count.clone(), None))  # a CUDA graph's output buffer is rewritten by its next replay
+        self._read_until(len(self.pending) - 1)
+
+    def wait(self) -> None:
+        """Read the last pushed count too (waiting for its iteration to finish)."""
+        self._read_until(len(self.pending))
+
+    def _read_until(self, n: int) -> None:
+        for value, event in self.pending[:n]:
+            if event is not None:
+                event.synchronize()
+            self.read.append(int(value))
+        del self.pending[:n]
+
+
+def worth_waiting(read: list[int], size: int, pad_to: Callable[[int], int] | None) -> bool:
+    """Whether to wait for the count of the iteration just queued rather than decide on the
+    one before: when the counts read so far, extrapolated at their last rate of decline, say
+    it ends the loop or shrinks the set where the earlier count would not. A wait leaves the
+    GPU idle for the host's turnaround (tens of microseconds); deciding one iteration late
+    costs an iteration on the old set, and the new set holds the tokens active one iteration
+    earlier."""
+    if len(read) < 2 or read[-2] == 0:
+        return False
+    expected = read[-1] ** 2 / read[-2]
+    if expected < 1:
+        return True
+    return next_size(read[-1], size, pad_to) is None and next_size(math.ceil(expected), size, pad_to) is not None
+
+
+def next_size(active: int, size: int, pad_to: Callable[[int], int] | None) -> int | None:
+    """The size to shrink a set of ``size`` tokens to when ``active`` of them run, or None to
+    keep it."""
+    if active >= RECOMPACT_BELOW * size:
+        return None
+    new_size = active if pad_to is None else pad_to(active)
+    return new_size if new_size < size else None
 
 
 def _keep(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
@@ -186,19 +220,21 @@ def settle_compact(
     rows: Tensor | None = None  # flat indices of the working set; None: the whole grid
     states, ctx = iterations.load(states, rows, context)
     full: list[Tensor] = []  # the (B*T, ...) grid, written back on every shrink
-    counts = LaggedCount(h.device)
+    counts = ActiveCounts(grid.numel(), h.device)
     for k in range(1, k_max + 1):
-        active = counts.push(iterations(k, states, rows, ctx))  # active after iteration k - 1
-        if active == 0:
-            break  # iteration k was a masked no-op
+        counts.push(iterations(k, states, rows, ctx))  # read: the counts up to iteration k - 1
+        if k == k_max:
+            break
         size = states[0].shape[:2].numel()  # (B, T) or (1, N)
-        if active is None or active >= RECOMPACT_BELOW * size or k == k_max:
-            continue
-        new_size = active if pad_to is None else pad_to(active)
-        if new_size < size:
+        if worth_waiting(counts.read, size, pad_to):
+            counts.wait()  # and iteration k's
+        if counts.read[-1] == 0:
+            break  # with a count one iteration late, iteration k was a masked no-op
+        new_size = next_size(counts.read[-1], size, pad_to)
+        if new_size is not None:
             full, states, rows, ctx = iterations.shrink(full, states, rows, new_size, context)
-            # the count queued for iteration k stays good for the next decision: every token it
-            # counts is active after iteration k, so it is in the new set
+            # a count queued before the shrink stays good for the next decisions: every token it
+            # counts as active after iteration k is in the new set
     full = _written_back(full, states, rows)
     full = [x.view(*grid, *x.shape[1:]).clone() for x in full]  # not a CUDA graph's buffers
     return full[0], full[1], list(zip(full[2::2], full[3::2]))
@@ -232,14 +268,16 @@ def planned_set_sizes(k_used: Tensor, k_max: int, pad_to: Callable[[int], int] |
     ``k_used`` iterations each: its shrink rule replayed on counts alone, so a benchmark can
     tell the work halting leaves (the sum of these over k_max x B*T) from the time it takes."""
     counts = torch.bincount(k_used.flatten().long(), minlength=k_max + 1)
-    active_after = [int(counts[j + 1:].sum()) for j in range(k_max + 1)]  # active after iteration j
+    active_after = [int(counts[j + 1:].sum()) for j in range(k_max + 1)]  # after iteration j
     size, sizes = k_used.numel(), []
     for k in range(1, k_max + 1):
         sizes.append(size)
-        active = active_after[k - 1] if k > 1 else None  # the count read one iteration late
-        if active == 0:
+        if k == k_max:
             break
-        if active is None or active >= RECOMPACT_BELOW * size or k == k_max:
-            continue
-        size = min(size, active if pad_to is None else pad_to(active))
+        read = active_after[:k]  # as ``ActiveCounts.read`` after iteration k's push
+        if worth_waiting(read, size, pad_to):
+            read = active_after[:k + 1]
+        if read[-1] == 0:
+            break
+        size = next_size(read[-1], size, pad_to) or size
     return sizes
