@@ -207,7 +207,8 @@ class GraphedIterations(Iterations):
     A capture iterates its own buffers in place: ``load`` copies a new working set's states
     (and its rows and context) in and hands the buffers back to the loop. The monitor must
     stay at the same addresses from call to call (``halt_monitor``); the iteration number
-    is a device tensor the host fills before each replay.
+    is a device tensor that each replay increments, filled by the host only where a replay
+    does not follow the same capture's previous iteration.
     """
 
     def __init__(self, workspace, pool: ExpertPool, monitor: HaltMonitor, compiled: bool):
@@ -318,6 +319,7 @@ class _CapturedIteration:
         self.rows = None if rows is None else rows.clone()
         self.context = _clone_context(context)
         self.k = torch.ones((), dtype=torch.long, device=states[0].device)  # in range for any k_max
+        self.next_k: int | None = None  # what ``k`` holds for the next replay, where the host knows it
         function, workspace, pool = iterations.function(rows), iterations.workspace, iterations.pool
         monitor = self.monitor = iterations.monitor  # kept alive with the capture: its addresses are in the key
         saved = [x.clone() for x in monitor.tensors()]
@@ -326,10 +328,12 @@ class _CapturedIteration:
             for x, before in zip(monitor.tensors(), saved):
                 x.copy_(before)
 
-        self.graph, self.count = iterations.graphs.capture(
-            _autocast_run(lambda: function(workspace, pool, self.context, monitor, self.states, self.rows, self.k)),
-            restore,
-        )
+        def run():  # the next iteration's number too, so consecutive replays need no fill_ between
+            count = function(workspace, pool, self.context, monitor, self.states, self.rows, self.k)
+            self.k.add_(1)
+            return count
+
+        self.graph, self.count = iterations.graphs.capture(_autocast_run(run), restore)
 
     def load(self, states, rows, context) -> list[Tensor]:
         """Fill the buffers with the grid's states (``rows`` None) or with the rows ``rows``
@@ -354,8 +358,10 @@ class _CapturedIteration:
         return self.states
 
     def run(self, k: int) -> Tensor:
-        self.k.fill_(k)
+        if self.next_k != k:
+            self.k.fill_(k)
         self.graph.replay()
+        self.next_k = k + 1
         return self.count
 
 
