@@ -733,8 +733,9 @@ def graphs_on_cpu(monkeypatch):
         self.steps, self.monitors = OrderedDict(), {}
 
     def capture(self, run, restore=lambda: None):
-        outputs = run()  # a warm-up run, whose tensors stand for the graph's outputs
-        restore()
+        for _ in range(graphed.WARMUP_RUNS):  # as the real capture's warm-up runs
+            outputs = run()  # the last one's tensors stand for the graph's outputs
+            restore()
         return _ReplayedOnCPU(run, outputs), outputs
 
     monkeypatch.setattr(graphed._Graphs, "__init__", init)
@@ -987,13 +988,14 @@ def test_planned_set_sizes_shrink_on_consecutive_iterations():
     assert planned_set_sizes(k_used, 12)[:6] == [1000] * 4 + [729] * 2
 
 
-def test_the_loop_waits_for_a_count_only_where_it_decides():
+def test_worth_waiting_only_for_a_count_that_decides():
     """No wait while the counts are flat or fall slowly, nor where the earlier count decides
     already; a wait where the last rate of decline reaches the shrink threshold or zero."""
     assert not worth_waiting([1000], 1000, None)  # one count: no rate
     assert not worth_waiting([1000, 1000, 990], 1000, None)
     assert worth_waiting([1000, 1000, 800], 1000, None)  # 640 expected, below 750
     assert not worth_waiting([1000, 700], 1000, None)  # 700 shrinks the set already
+    assert not worth_waiting([512, 0], 512, None)  # the loop ends already
     assert worth_waiting([10, 8], 10, None)  # 6.4 expected: shrinks
     assert worth_waiting([4, 1], 4, None)  # 0.25 expected: the end
     assert not worth_waiting([1, 1], 512, lambda n: 512)  # the smallest bucket, still active

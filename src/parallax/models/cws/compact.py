@@ -6,8 +6,8 @@ halted tokens with masks, so halting saves no work. This loop keeps a working se
 gathered into (1, N, ...) rows (``TokenContext.select``). Tokens that halt stay in the set,
 frozen by masks as in the reference, until the active ones fall below ``RECOMPACT_BELOW``
 of the set; then the set's state is written back to the full grid and the set shrinks to
-about the active tokens. So right after a shrink the set holds the tokens that were active one
-iteration earlier (see below), at most 4/3 of those active when it shrinks next, and there
+about the active tokens. So right after a shrink the set holds the tokens that were active at
+most one iteration earlier (see below), at most 4/3 of those active when it shrinks next, and there
 are at most log(B*T) / log(4/3) gathers per call (about 35 for 32 x 512 tokens), each moving
 about one iteration's inputs for the set: cheap against the iteration's S*d^2 per token.
 Under CUDA graphs the set is padded to a bucket size (``pad_to``), at most 5/4 of that, or
@@ -35,7 +35,6 @@ larger set (or a masked no-op at the end).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
@@ -90,12 +89,13 @@ def worth_waiting(read: list[int], size: int, pad_to: Callable[[int], int] | Non
     GPU idle for the host's turnaround (tens of microseconds); deciding one iteration late
     costs an iteration on the old set, and the new set holds the tokens active one iteration
     earlier."""
-    if len(read) < 2 or read[-2] == 0:
+    if len(read) < 2 or read[-1] == 0:  # no rate yet, or the loop ends anyway
         return False
-    expected = read[-1] ** 2 / read[-2]
-    if expected < 1:
-        return True
-    return next_size(read[-1], size, pad_to) is None and next_size(math.ceil(expected), size, pad_to) is not None
+    squared, last = read[-1] ** 2, read[-2]  # expected: squared / last (counts never rise, so last > 0)
+    if squared < last:
+        return True  # fewer than one token expected
+    expected = -(-squared // last)  # rounded up
+    return next_size(read[-1], size, pad_to) is None and next_size(expected, size, pad_to) is not None
 
 
 def next_size(active: int, size: int, pad_to: Callable[[int], int] | None) -> int | None:
@@ -229,7 +229,7 @@ def settle_compact(
         if worth_waiting(counts.read, size, pad_to):
             counts.wait()  # and iteration k's
         if counts.read[-1] == 0:
-            break  # with a count one iteration late, iteration k was a masked no-op
+            break  # none active: after a wait, iteration k was the last; else it was a masked no-op
         new_size = next_size(counts.read[-1], size, pad_to)
         if new_size is not None:
             full, states, rows, ctx = iterations.shrink(full, states, rows, new_size, context)
@@ -268,8 +268,8 @@ def planned_set_sizes(k_used: Tensor, k_max: int, pad_to: Callable[[int], int] |
     ``k_used`` iterations each: its shrink rule replayed on counts alone, so a benchmark can
     tell the work halting leaves (the sum of these over k_max x B*T) from the time it takes."""
     counts = torch.bincount(k_used.flatten().long(), minlength=k_max + 1)
-    active_after = [int(counts[j + 1:].sum()) for j in range(k_max + 1)]  # after iteration j
     size, sizes = k_used.numel(), []
+    active_after = [size] + [int(counts[j + 1:].sum()) for j in range(1, k_max + 1)]  # after iteration j
     for k in range(1, k_max + 1):
         sizes.append(size)
         if k == k_max:
@@ -279,5 +279,7 @@ def planned_set_sizes(k_used: Tensor, k_max: int, pad_to: Callable[[int], int] |
             read = active_after[:k + 1]
         if read[-1] == 0:
             break
-        size = next_size(read[-1], size, pad_to) or size
+        new_size = next_size(read[-1], size, pad_to)
+        if new_size is not None:
+            size = new_size
     return sizes

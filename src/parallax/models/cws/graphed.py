@@ -101,13 +101,13 @@ class _Graphs:
 
     def capture(self, run: Callable, restore: Callable[[], None] = lambda: None):
         """A CUDA graph of ``run()`` and its outputs, after warm-up runs on the side stream
-        (``restore()`` then undoes what they changed in place)."""
+        (``restore()`` undoes what each changed in place, so each runs from the same state)."""
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
             for _ in range(WARMUP_RUNS):
                 run()
+                restore()
         torch.cuda.current_stream().wait_stream(self.side)
-        restore()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.memory):
             outputs = run()
@@ -318,15 +318,16 @@ class _CapturedIteration:
         self.states = [x.clone() for x in states]
         self.rows = None if rows is None else rows.clone()
         self.context = _clone_context(context)
-        self.k = torch.ones((), dtype=torch.long, device=states[0].device)  # in range for any k_max
+        self.k = torch.ones((), dtype=torch.long, device=states[0].device)  # 1 for every warm-up: any k_max
         self.next_k: int | None = None  # what ``k`` holds for the next replay, where the host knows it
         function, workspace, pool = iterations.function(rows), iterations.workspace, iterations.pool
         monitor = self.monitor = iterations.monitor  # kept alive with the capture: its addresses are in the key
         saved = [x.clone() for x in monitor.tensors()]
 
-        def restore():  # the warm-up runs iterated the monitor in place
+        def restore():  # a warm-up run iterated the monitor in place and counted k on
             for x, before in zip(monitor.tensors(), saved):
                 x.copy_(before)
+            self.k.fill_(1)
 
         def run():  # the next iteration's number too, so consecutive replays need no fill_ between
             count = function(workspace, pool, self.context, monitor, self.states, self.rows, self.k)
