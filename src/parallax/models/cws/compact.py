@@ -7,9 +7,9 @@ gathered into (1, N, ...) rows (``TokenContext.select``). Tokens that halt stay 
 frozen by masks as in the reference, until the active ones fall below ``RECOMPACT_BELOW``
 of the set; then the set's state is written back to the full grid and the set shrinks to
 about the active tokens. So right after a shrink the set holds the tokens that were active at
-most one iteration earlier (see below), at most 4/3 of those active when it shrinks next, and there
-are at most log(B*T) / log(4/3) gathers per call (about 35 for 32 x 512 tokens), each moving
-about one iteration's inputs for the set: cheap against the iteration's S*d^2 per token.
+most one iteration earlier (see below), at most 4/3 of those active when it shrinks next, and
+there are at most log(B*T) / log(4/3) gathers per call (about 35 for 32 x 512 tokens), each
+moving about one iteration's inputs for the set: cheap against the iteration's S*d^2 per token.
 Under CUDA graphs the set is padded to a bucket size (``pad_to``), at most 5/4 of that, or
 the smallest bucket.
 (A threshold of 1/2 measured the same on CPU within noise; it allows twice the active work.)
