@@ -88,6 +88,14 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA")
+@pytest.mark.parametrize("argv", [["throughput"], ["halting"], ["memory", "--k", "2"]])
+def test_cuda_without_a_gpu_is_a_one_line_error(argv, capsys):
+    assert main(["bench", *argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_decoding_is_timed_from_the_first_replayed_token(cuda_graph, monkeypatch):
     """The decode span starts after the tokens decoded before it (one, or two with graphs:

@@ -35,7 +35,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device asks for CUDA, but no CUDA device is available here; use train.device=cpu")
+        raise ConfigError(
+            f"device {name!r} asks for CUDA, but no CUDA device is available here; "
+            "choose cpu (--device cpu, or train.device=cpu in a config)"
+        )
     return device
 
 

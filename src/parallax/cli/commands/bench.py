@@ -89,18 +89,11 @@ def run(args) -> int:
     return args.action_handler(args)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run_memory(args) -> int:
     from parallax.bench.memory import training_memory
     from parallax.config import build_run_config, load_toml
     from parallax.errors import ConfigError
+    from parallax.train.runtime import resolve_device
 
     if any(k < 1 for k in args.k):
         raise ConfigError("every --k must be >= 1")
@@ -109,7 +102,7 @@ def run_memory(args) -> int:
     if args.model:
         overrides.insert(0, f"model.name={args.model}")
     cfg = build_run_config(raw, overrides)
-    device = _device(args.device)
+    device = str(resolve_device(args.device))
     rows = training_memory(cfg, list(args.k), depth_key=args.depth_key, device=device)
     print(f"{cfg.model_name} on {device}, batch {cfg.train.batch_size}")
     print(f"{args.depth_key:>8}  {'saved for backward':>20}  {'peak allocated':>16}")
