@@ -33,10 +33,10 @@ PACKAGES = {
     "numpy": "pip install numpy",
     "safetensors": "pip install safetensors",
     "tokenizers": "pip install tokenizers",
-    "triton": "pip install triton",
+    "triton": "pip install 'parallax[gpu]'",
     "mamba-ssm": "pip install mamba-ssm --no-build-isolation",
-    "transformers": "pip install transformers",
-    "lm_eval": "pip install lm_eval",
+    "transformers": "pip install 'parallax[hf]'",
+    "lm_eval": "pip install 'parallax[eval]'",
 }
 CUDA_TORCH_FIX = "pip install torch --index-url https://download.pytorch.org/whl/cu128"
 
