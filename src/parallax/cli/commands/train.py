@@ -1,7 +1,7 @@
 """Train a model.
 
 With no --config, --model or --task, trains the default job: the Central Workspace (cws) on
-a small BIND/RECALL, a few minutes on a laptop CPU (key=value overrides still apply).
+a small BIND/RECALL, about a minute on 2 CPU cores (key=value overrides still apply).
 Settings resolve in order: built-in defaults, a TOML preset (--config) or the default job,
 the shortcuts below, then key=value overrides, e.g.
 
