@@ -42,6 +42,7 @@ from parallax.bench.flops import step_flops
 from parallax.config import COMPILE_MODES, ModelConfig, build_run_config
 from parallax.errors import ConfigError
 from parallax.generation import generate_batch
+from parallax.train.runtime import resolve_device
 
 DEFAULT_MODELS = ("transformer", "swap", "recurrent", "eam", "cws")
 MATMUL_SIZE = {"cuda": 8192, "cpu": 256}  # the CPU sizes only keep tests quick
@@ -128,13 +129,7 @@ def matched_configs(tc: ThroughputConfig) -> dict[str, ModelConfig]:
 
 def resolve(tc: ThroughputConfig) -> tuple[torch.device, torch.dtype | None]:
     """The device, and the autocast dtype (None: plain fp32)."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
+    device = resolve_device(tc.device)
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     return device, torch.bfloat16 if bf16 else None
 
