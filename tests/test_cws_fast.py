@@ -1015,3 +1015,19 @@ def test_planned_set_sizes_replay_the_compact_loop(pad, tol):
     assert planned_set_sizes(monitor.k_used, 12, pad_to) == sizes
     if tol in (0.3, 0.6):
         assert len(set(sizes)) >= 2  # the set shrank
+
+
+def test_working_set_captures_read_the_grids_probe_keys(graphs_on_cpu, selects):
+    """The attention probe's per-sequence keys and values are not copied per working set:
+    every set's capture reads the grid capture's."""
+    from parallax.models.cws import graphed
+
+    model = tiny_model().eval()
+    ids = tokens(8, 64)
+    assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=0.6),
+                         settle_with(model, ids, "reference", tol=0.6))
+    captures = [c for c in graphed._graphs[model.workspace].steps.values() if isinstance(c, graphed._CapturedIteration)]
+    grid = [c for c in captures if c.rows is None]
+    assert selects and len(grid) == 1 and len(captures) > 1
+    for capture in captures:
+        assert all(x is y for x, y in zip(capture.context.probe_kv, grid[0].context.probe_kv))

@@ -34,7 +34,8 @@ cached cast would be a tensor of the capture's step). A workspace's graphs share
 pool: their outputs are only valid until the next replay of any of them, and are used at
 once. Each graph of an iteration also keeps its own copy of the inputs: the state and the
 token context at its size, so the buckets of one grid hold a few times one full-grid context in
-all (and each a copy of the probe's per-sequence keys and values, which are small). Not used while
+all; the probe's per-sequence keys and values (and position) are the grid capture's, which
+a working set's captures read where they are. Not used while
 ``torch.compile`` traces the model (``mode="reduce-overhead"`` then gives the whole forward
 CUDA graphs). In incremental decoding with ``cuda_graph`` the attention probe's keys are the
 cache's whole buffers with a mask (``AttentionProbe``), so one graph serves every token.
@@ -266,13 +267,15 @@ def _per_sequence(context: TokenContext) -> list[Tensor]:
     return [*(context.probe_kv or ())] + ([] if context.probe_start is None else [context.probe_start])
 
 
-def _clone_context(context: TokenContext) -> TokenContext:
+def _clone_context(context: TokenContext, per_sequence: bool = True) -> TokenContext:
+    """Buffers for ``context``'s tensors; without ``per_sequence``, its per-sequence ones are shared."""
+    copy = (lambda x: x.clone()) if per_sequence else (lambda x: x)
     return TokenContext(
         observation=context.observation.clone(),
         grounding=None if context.grounding is None else context.grounding.clone(),
         fixed={name: x.clone() for name, x in context.fixed.items()},
-        probe_kv=None if context.probe_kv is None else tuple(x.clone() for x in context.probe_kv),
-        probe_start=None if context.probe_start is None else context.probe_start.clone(),
+        probe_kv=None if context.probe_kv is None else tuple(copy(x) for x in context.probe_kv),
+        probe_start=None if context.probe_start is None else copy(context.probe_start),
         rows=None if context.rows is None else context.rows.clone(),
         grid=context.grid,
     )
@@ -317,7 +320,8 @@ class _CapturedIteration:
         self.key = key
         self.states = [x.clone() for x in states]
         self.rows = None if rows is None else rows.clone()
-        self.context = _clone_context(context)
+        # a working set's per-sequence tensors are the grid capture's (its load copies nothing)
+        self.context = _clone_context(context, per_sequence=rows is None)
         self.k = torch.ones((), dtype=torch.long, device=states[0].device)  # 1 for every warm-up: any k_max
         self.next_k: int | None = None  # what ``k`` holds for the next replay, where the host knows it
         function, workspace, pool = iterations.function(rows), iterations.workspace, iterations.pool
@@ -353,7 +357,8 @@ class _CapturedIteration:
             if x is not None:
                 torch.index_select(x.flatten(0, 1), 0, rows, out=buffer[0])
         for buffer, x in zip(_per_sequence(self.context), _per_sequence(context)):
-            buffer.copy_(x)
+            if buffer is not x:  # not shared: with the grid capture of another call
+                buffer.copy_(x)
         self.rows.copy_(rows)
         self.context.rows.copy_(rows)
         return self.states
