@@ -730,7 +730,7 @@ def graphs_on_cpu(monkeypatch):
     from parallax.models.cws import graphed
 
     def init(self):
-        self.steps, self.monitors = OrderedDict(), {}
+        self.steps, self.monitors, self.casts = OrderedDict(), {}, {}
 
     def capture(self, run, restore=lambda: None):
         for _ in range(graphed.WARMUP_RUNS):  # as the real capture's warm-up runs
@@ -1015,6 +1015,56 @@ def test_planned_set_sizes_replay_the_compact_loop(pad, tol):
     assert planned_set_sizes(monitor.k_used, 12, pad_to) == sizes
     if tol in (0.3, 0.6):
         assert len(set(sizes)) >= 2  # the set shrank
+
+
+def test_cast_weights_are_autocasts_own_values():
+    """A step reading the casts gives autocast's results exactly; the casts cover the Linear
+    layers an iteration runs (not the token-clocked SSM's), follow in-place updates on refresh,
+    and the layers get their own weights back, also after an error inside."""
+    from parallax.models.cws.cast_weights import CastWeights
+
+    model = tiny_model().eval()
+    workspace, pool = model.workspace, model.pool
+    casts = CastWeights([workspace, *pool.h_clocked_experts()], torch.bfloat16)
+    own = {id(p) for _, _, p in casts.sources}
+    assert own and own.isdisjoint(id(p) for p in pool.experts["ssm"].parameters())
+    assert id(workspace.q_proj.weight) in own and id(workspace.h_norm.weight) not in own
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05).add_(0.01)  # in place, as an optimizer step
+    casts.refresh()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        context = pool.token_clocked(model.embed(tokens()), None)
+        h, cum = workspace.initial_state(context.observation, pool.total_slots)
+        plain = workspace.step(h, cum, pool, context)
+        with casts.swapped():
+            assert workspace.q_proj.weight.dtype == torch.bfloat16
+            cast = workspace.step(h, cum, pool, context)
+    for x, y in zip(cast, plain):
+        assert torch.equal(x, y)
+    weights = dict(model.named_parameters())
+    with pytest.raises(RuntimeError), casts.swapped():
+        raise RuntimeError
+    assert all(p is weights[name] for name, p in model.named_parameters())
+
+
+def test_graphed_compact_loop_reads_weights_cast_for_each_call(graphs_on_cpu):
+    """Under autocast the captures read the weight casts, refreshed at every call: after an
+    in-place update the replays give the eager compact loop's results, which cast as they go."""
+    from parallax.models.cws import graphed
+
+    model = tiny_model().eval()
+    ids = tokens(8, 64)
+    for update in (False, True):
+        if update:  # outside autocast, as an optimizer step (inside, its own cast cache would be stale)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.05).add_(0.01)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager = settle_with(model, ids, "compact", tol=0.6)
+            replayed = settle_with(model, ids, "compact", cuda_graph=True, tol=0.6)
+        assert_same_settling(replayed, eager)
+    assert len(graphed._graphs[model.workspace].casts) == 1
 
 
 def test_working_set_captures_read_the_grids_probe_keys(graphs_on_cpu, selects):

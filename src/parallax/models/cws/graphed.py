@@ -29,8 +29,10 @@ for each call (``halt_monitor``), and the weights are
 read where they are, so a graph is keyed by the addresses of the weights and buffers as well
 as by every shape, dtype and precision setting (an optimizer's in-place update keeps the
 addresses; ``model.to(...)`` or a RoPE table grown for a longer sequence makes new graphs).
-Autocast's weight-cast cache is off inside, so every replay casts the current weights (a
-cached cast would be a tensor of the capture's step). A workspace's graphs share one memory
+Under autocast, the Linear weights an iteration reads are cast once per settle call into
+tensors of their own, which the graphs read (``cast_weights.py``), not at every replay; the
+rest of autocast runs inside as it would outside, with its weight-cast cache off (a cached
+cast would be a tensor of the capture's step). A workspace's graphs share one memory
 pool: their outputs are only valid until the next replay of any of them, and are used at
 once. Each graph of an iteration also keeps its own copy of the inputs: the state and the
 token context at its size, so the buckets of one grid hold a few times one full-grid context in
@@ -43,6 +45,7 @@ cache's whole buffers with a mask (``AttentionProbe``), so one graph serves ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections import OrderedDict
@@ -51,6 +54,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from parallax.models.cws.cast_weights import CastWeights, cast_weights_for
 from parallax.models.cws.compact import Iterations, shrunk_rows
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
@@ -75,6 +79,7 @@ class _Graphs:
         self.side = torch.cuda.Stream()
         self.steps: OrderedDict = OrderedDict()
         self.monitors: dict = {}
+        self.casts: dict = {}
 
     def get(self, key):
         """The capture under ``key`` (now the newest), or None."""
@@ -161,13 +166,20 @@ def halt_monitor(workspace, batch: int, length: int, **settings) -> HaltMonitor:
     return monitor
 
 
-def _fixed_key(workspace, pool: ExpertPool, step_name: str) -> tuple:
+def _cast_weights(graphs: _Graphs, workspace, pool: ExpertPool) -> CastWeights | None:
+    """The iterated Linear weights cast for this call's replays, under autocast (else None)."""
+    device_type = next(workspace.parameters()).device.type
+    return cast_weights_for([workspace, *pool.h_clocked_experts()], device_type, graphs.casts)
+
+
+def _fixed_key(workspace, pool: ExpertPool, step_name: str, casts: CastWeights | None) -> tuple:
     """What stays fixed through one settle call, looked up once per call rather than per
-    step: the addresses of parameters and buffers (RoPE tables are replaced when a longer
-    sequence comes) and the precision settings."""
+    step: the addresses of parameters, buffers (RoPE tables are replaced when a longer
+    sequence comes) and weight casts, and the precision settings."""
     return (
         step_name, workspace.config.read,
         tuple(t.data_ptr() for m in (workspace, pool) for t in (*m.parameters(), *m.buffers())),
+        None if casts is None else casts.addresses(),
         torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
         torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
     )
@@ -186,11 +198,12 @@ def graphed_step(step: Callable, workspace, pool: ExpertPool, step_name: str) ->
     tells eager and compiled steps apart (both are capturable).
     """
     graphs = _graphs_of(workspace)
-    fixed = _fixed_key(workspace, pool, step_name)
+    casts = _cast_weights(graphs, workspace, pool)
+    fixed = _fixed_key(workspace, pool, step_name, casts)
 
     def call(h: Tensor, cum: Tensor, _pool: ExpertPool, context: TokenContext):
         key = (fixed, _context_key(context, [h, cum, *_context_tensors(context)]))
-        captured = graphs.keep(key, lambda: _CapturedStep(step, pool, context, h, cum, graphs))
+        captured = graphs.keep(key, lambda: _CapturedStep(step, pool, context, h, cum, graphs, casts))
         return captured.run(h, cum, context)
 
     return call
@@ -215,8 +228,9 @@ class GraphedIterations(Iterations):
     def __init__(self, workspace, pool: ExpertPool, monitor: HaltMonitor, compiled: bool):
         super().__init__(workspace, pool, monitor, compiled)
         self.graphs = _graphs_of(workspace)
+        self.casts = _cast_weights(self.graphs, workspace, pool)
         self.fixed = (
-            *_fixed_key(workspace, pool, f"{'compiled' if compiled else 'eager'} iteration"),
+            *_fixed_key(workspace, pool, f"{'compiled' if compiled else 'eager'} iteration", self.casts),
             tuple(x.data_ptr() for x in monitor.tensors()), monitor.rule, monitor.tol, monitor.k_min,
         )
         self.current: _CapturedIteration | None = None
@@ -281,12 +295,13 @@ def _clone_context(context: TokenContext, per_sequence: bool = True) -> TokenCon
     )
 
 
-def _autocast_run(fn: Callable) -> Callable:
-    """``fn`` without gradient under ``uncached_autocast`` (its warm-up runs and its capture
-    happen inside the settle call that made it, under the caller's autocast)."""
+def _autocast_run(fn: Callable, casts: CastWeights | None) -> Callable:
+    """``fn`` without gradient under ``uncached_autocast``, reading the weight ``casts`` (its
+    warm-up runs and its capture happen inside the settle call that made it, under the
+    caller's autocast)."""
 
     def run():
-        with torch.no_grad(), uncached_autocast("cuda"):
+        with torch.no_grad(), uncached_autocast("cuda"), casts.swapped() if casts else contextlib.nullcontext():
             return fn()
 
     return run
@@ -295,11 +310,13 @@ def _autocast_run(fn: Callable) -> Callable:
 class _CapturedStep:
     """One captured workspace step, reading its input buffers and writing its outputs."""
 
-    def __init__(self, step, pool, context, h, cum, graphs: _Graphs):
+    def __init__(self, step, pool, context, h, cum, graphs: _Graphs, casts: CastWeights | None):
         self.h, self.cum = h.clone(), cum.clone()
         self.context = _clone_context(context)
         self.source = weakref.ref(context)  # the context now in the buffers
-        self.graph, self.outputs = graphs.capture(_autocast_run(lambda: step(self.h, self.cum, pool, self.context)))
+        self.casts = casts  # read by the graph: kept alive with it
+        run = _autocast_run(lambda: step(self.h, self.cum, pool, self.context), casts)
+        self.graph, self.outputs = graphs.capture(run)
 
     def run(self, h: Tensor, cum: Tensor, context: TokenContext) -> tuple[Tensor, Tensor, Tensor]:
         if self.source() is not context:  # a new context: copied once, then reused every iteration
@@ -322,6 +339,7 @@ class _CapturedIteration:
         self.rows = None if rows is None else rows.clone()
         # a working set's per-sequence tensors are the grid capture's (its load copies nothing)
         self.context = _clone_context(context, per_sequence=rows is None)
+        self.casts = iterations.casts  # read by the graph: kept alive with it
         self.k = torch.ones((), dtype=torch.long, device=states[0].device)  # 1 for every warm-up: any k_max
         self.next_k: int | None = None  # what ``k`` holds for the next replay, where the host knows it
         function, workspace, pool = iterations.function(rows), iterations.workspace, iterations.pool
@@ -338,7 +356,7 @@ class _CapturedIteration:
             self.k.add_(1)
             return count
 
-        self.graph, self.count = iterations.graphs.capture(_autocast_run(run), restore)
+        self.graph, self.count = iterations.graphs.capture(_autocast_run(run, self.casts), restore)
 
     def load(self, states, rows, context) -> list[Tensor]:
         """Fill the buffers with the grid's states (``rows`` None) or with the rows ``rows``
@@ -388,4 +406,4 @@ class _CapturedShrink:
             _, rows = shrunk_rows(monitor, self.full, source.states, source.rows, size)
             target.load(self.full, rows, grid.context)
 
-        self.graph, _ = iterations.graphs.capture(_autocast_run(run))
+        self.graph, _ = iterations.graphs.capture(_autocast_run(run, None))

@@ -102,6 +102,10 @@ class ExpertPool(nn.Module):
     def total_slots(self) -> int:
         return sum(self.slots)
 
+    def h_clocked_experts(self) -> list[nn.Module]:
+        """The experts that run at every workspace iteration (all but the token-clocked SSM)."""
+        return [expert for name, expert in self.experts.items() if name != "ssm"]
+
     def reset_expert_parameters(self) -> None:
         """Re-apply the experts' own inits (after a model-wide ``init_weights``)."""
         for expert in self.experts.values():

@@ -1,0 +1,73 @@
+"""The iterated Linear weights cast to autocast's dtype once per call, for replayed CUDA graphs.
+
+Under autocast every ``F.linear`` (and every matrix product of a Linear's weight) casts its
+fp32 weight and bias to the autocast dtype. Eager code can cache those casts (autocast's
+weight-cast cache); a captured step cannot (a cached cast would be a tensor of the capture,
+see ``graph_step.uncached_autocast``), so each replay cast every weight again: about 15
+small kernels per CWS iteration, a sixth of an iteration's time on a small working set
+(H200, BENCHMARKS.md). ``CastWeights`` keeps the casts in tensors of its own instead:
+captures read them in place of the weights (``swapped``), and ``refresh``, once per settle
+call before any replay, casts the weights as they are now (after an optimizer step, say).
+The values are autocast's own: the same weights rounded the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+KEPT = 2  # sets of casts kept ready per workspace (a capture holds on to its own)
+
+
+class CastWeights:
+    """The weights and biases of the ``nn.Linear`` layers in ``modules`` that autocast would
+    cast to ``dtype``, as ``dtype`` parameters of their own (no gradient)."""
+
+    def __init__(self, modules: Iterable[nn.Module], dtype: torch.dtype):
+        linears = {id(m): m for module in modules for m in module.modules() if isinstance(m, nn.Linear)}
+        self.sources = [
+            (layer, name, p) for layer in linears.values() for name, p in layer.named_parameters(recurse=False)
+            if p.is_floating_point() and p.dtype != dtype
+        ]
+        self.casts = [nn.Parameter(p.detach().to(dtype), requires_grad=False) for _, _, p in self.sources]
+
+    def addresses(self) -> tuple[int, ...]:
+        """Where the casts live: what a capture that reads them depends on."""
+        return tuple(c.data_ptr() for c in self.casts)
+
+    def refresh(self) -> None:
+        """Cast the weights as they are now (one foreach copy, queued on the current stream)."""
+        if self.casts:
+            torch._foreach_copy_(self.casts, [p.detach() for _, _, p in self.sources])
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Inside, the layers hold the casts in place of their weights (for a capture to read)."""
+        for (layer, name, _), cast in zip(self.sources, self.casts):
+            layer._parameters[name] = cast
+        try:
+            yield
+        finally:
+            for layer, name, p in self.sources:
+                layer._parameters[name] = p
+
+
+def cast_weights_for(modules: list[nn.Module], device_type: str, cache: dict) -> CastWeights | None:
+    """The refreshed ``CastWeights`` of ``modules`` under the autocast now in force on
+    ``device_type``, or None without autocast. ``cache`` keeps the last ``KEPT``, by autocast
+    dtype and the weights' addresses (``model.to(...)`` makes new weights), so the casts stay at
+    the same addresses from call to call for the captures that read them."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    weights: list[Tensor] = [p for m in modules for p in m.parameters()]
+    key = (dtype, tuple(p.data_ptr() for p in weights))
+    casts = cache.pop(key, None) or CastWeights(modules, dtype)
+    cache[key] = casts  # the newest last
+    while len(cache) > KEPT:
+        cache.pop(next(iter(cache)))
+    casts.refresh()
+    return casts
