@@ -1021,7 +1021,7 @@ def test_cast_weights_are_autocasts_own_values():
     """A step reading the casts gives autocast's results exactly; the casts cover the Linear
     layers an iteration runs (not the token-clocked SSM's), follow in-place updates on refresh,
     and the layers get their own weights back, also after an error inside."""
-    from parallax.models.cws.cast_weights import CastWeights
+    from parallax.models.cast_weights import CastWeights
 
     model = tiny_model().eval()
     workspace, pool = model.workspace, model.pool

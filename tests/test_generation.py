@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallax.errors import ParallaxError
 from parallax.generation import GraphedStep, filter_logits, generate, generate_batch, graph_mode
+from parallax.models.cast_weights import autocast_weights
 from parallax.models.layers import KVCache, attention_mask
 from parallax.models.cws import CWS, CWSConfig
 from parallax.models.recurrent import RecurrentConfig, RecurrentDepthTransformer
@@ -252,10 +253,11 @@ class EmulatedGraphedStep(GraphedStep):
 
     def __init__(self, model, cache, sampling):
         self.model, self.cache, self.sampling = model, cache, sampling
+        self.casts = autocast_weights([model], "cpu")
 
     def warm_up(self, tokens):
         self.token = tokens.clone()
-        with graph_mode(tokens.device):
+        with graph_mode(tokens.device, self.casts):
             out = self.model(self.token, cache=self.cache)
         self.race = torch.empty(out.logits[:, -1].shape) if self.sampling[0] else None
         return out
@@ -265,7 +267,7 @@ class EmulatedGraphedStep(GraphedStep):
         tensors = [(o, n, getattr(o, n).clone(), getattr(o, n).data_ptr())
                    for o, n in fields if isinstance(getattr(o, n), torch.Tensor)]
         self.seen = self.ints()  # what the captured Python read
-        with graph_mode(self.token.device), NoHostReads():
+        with graph_mode(self.token.device, self.casts), NoHostReads():
             self.step()
         assert cache_fields(self.cache) == fields, "the step added or removed cache fields"
         for owner, name, before, address in tensors:
@@ -283,7 +285,7 @@ class EmulatedGraphedStep(GraphedStep):
         now = self.ints()
         for owner, name, value in self.seen:
             setattr(owner, name, value)
-        with graph_mode(token.device):
+        with graph_mode(token.device, self.casts):
             tokens, k = self.step()
         for owner, name, value in now:
             setattr(owner, name, value)
@@ -309,6 +311,28 @@ def test_emulated_graph_decoding_equals_eager(name, monkeypatch):
         assert (graphed.k is None and eager.k is None) or graphed.k.tolist() == eager.k.tolist()
     streamed = list(generate(model, PROMPTS[0], 10, temperature=0, cuda_graph=True))
     assert ids_of(streamed) == ids_of(generate(model, PROMPTS[0], 10, temperature=0))
+
+
+@pytest.mark.parametrize("name", ["transformer", "cws", "recurrent_moe"])
+def test_emulated_graph_decoding_under_autocast_reads_weight_casts(name, monkeypatch):
+    """Under bf16 autocast a graphed step reads the Linear weights cast once (the LM head's in
+    bf16 at every replay, the model's own fp32 weights back afterwards) and decodes the tokens
+    eager autocast does, which casts at every call."""
+    import parallax.generation as generation
+
+    monkeypatch.setattr(generation, "GraphedStep", EmulatedGraphedStep)
+    monkeypatch.setattr(generation, "check_graphable", lambda model: None)
+    model = STEP_MODELS[name]()
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+    weights = dict(model.named_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = generate_batch(model, PROMPTS, 6, temperature=0)
+        seen.clear()
+        graphed = generate_batch(model, PROMPTS, 6, cuda_graph=True, temperature=0)
+    assert graphed.ids.tolist() == eager.ids.tolist()
+    assert seen[0] == torch.float32 and set(seen[1:]) == {torch.bfloat16}  # the prompt eager, then the step's
+    assert all(p is weights[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
 
 
 def test_static_cache_positions_and_mask():

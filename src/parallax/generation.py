@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from parallax.errors import ParallaxError
+from parallax.models.cast_weights import CastWeights, autocast_weights
 from parallax.models.graph_step import graph_step, uncached_autocast
 from parallax.models.output import ModelOutput
 
@@ -143,11 +144,14 @@ class GraphedStep:
     (``graph_mode``), so cuBLAS handles, Triton and compiled kernels exist before ``capture``.
     The race's noise is drawn before each replay from the caller's generator, outside the
     graph, so a graphed step samples the same tokens as an eager one with the same seed.
+    Under autocast the graph reads the model's Linear weights cast once, when the step is
+    made (``cast_weights.py``), not cast again at every token.
     """
 
     def __init__(self, model: torch.nn.Module, cache, sampling: tuple[float, int, float]):
         self.model, self.cache, self.sampling = model, cache, sampling
         self.device = next(model.parameters()).device
+        self.casts = autocast_weights([model], self.device.type)
         self.stream = torch.cuda.Stream(self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -157,7 +161,7 @@ class GraphedStep:
         model sees the same input strides)."""
         self.token = tokens.clone()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream), graph_mode(self.device):
+        with torch.cuda.stream(self.stream), graph_mode(self.device, self.casts):
             out = self.model(self.token, cache=self.cache)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         logits = out.logits[:, -1]  # the race's noise, if any, is drawn per logit
@@ -167,7 +171,8 @@ class GraphedStep:
     def capture(self) -> None:
         """Capture the step ``warm_up`` ran."""
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream), graph_mode(self.device):
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream), \
+                graph_mode(self.device, self.casts):
             self.next, self.k = self.step()
 
     def step(self) -> tuple[Tensor, Tensor | None]:
@@ -188,9 +193,10 @@ class GraphedStep:
 
 
 @contextlib.contextmanager
-def graph_mode(device: torch.device) -> Iterator[None]:
-    """A step of a CUDA graph (``graph_step``) under ``uncached_autocast``."""
-    with graph_step(), uncached_autocast(device.type):
+def graph_mode(device: torch.device, casts: CastWeights | None = None) -> Iterator[None]:
+    """A step of a CUDA graph (``graph_step``) under ``uncached_autocast``, reading the weight
+    ``casts`` where given."""
+    with graph_step(), uncached_autocast(device.type), casts.swapped() if casts else contextlib.nullcontext():
         yield
 
 

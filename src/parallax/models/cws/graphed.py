@@ -54,7 +54,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from parallax.models.cws.cast_weights import CastWeights, cast_weights_for
+from parallax.models.cast_weights import CastWeights, cast_weights_for
 from parallax.models.cws.compact import Iterations, shrunk_rows
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext

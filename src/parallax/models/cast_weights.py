@@ -1,14 +1,17 @@
-"""The iterated Linear weights cast to autocast's dtype once per call, for replayed CUDA graphs.
+"""Linear weights cast to autocast's dtype once, for CUDA graphs to read at every replay.
 
 Under autocast every ``F.linear`` (and every matrix product of a Linear's weight) casts its
 fp32 weight and bias to the autocast dtype. Eager code can cache those casts (autocast's
 weight-cast cache); a captured step cannot (a cached cast would be a tensor of the capture,
-see ``graph_step.uncached_autocast``), so each replay cast every weight again: about 15
-small kernels per CWS iteration, a sixth of an iteration's time on a small working set
-(H200, BENCHMARKS.md). ``CastWeights`` keeps the casts in tensors of its own instead:
-captures read them in place of the weights (``swapped``), and ``refresh``, once per settle
-call before any replay, casts the weights as they are now (after an optimizer step, say).
-The values are autocast's own: the same weights rounded the same way.
+see ``graph_step.uncached_autocast``), so each replay would cast every weight again: about 15
+small kernels per CWS iteration, a sixth of an iteration's time on a small working set, and
+in a decoding step three times the bytes of the bf16 weights it reads (H200,
+BENCHMARKS.md). ``CastWeights`` keeps the casts in tensors of its own instead: captures read
+them in place of the weights (``swapped``), and ``refresh`` casts the weights as they are now
+(after an optimizer step, say) before the next replays: the CWS's iteration graphs once per
+settle call (``cws/graphed.py``), a decoding step's graph once per generation
+(``generation.GraphedStep``). The values are autocast's own: the same weights rounded the
+same way.
 """
 
 from __future__ import annotations
@@ -53,6 +56,14 @@ class CastWeights:
         finally:
             for layer, name, p in self.sources:
                 layer._parameters[name] = p
+
+
+def autocast_weights(modules: list[nn.Module], device_type: str) -> CastWeights | None:
+    """``CastWeights`` of ``modules`` for the autocast now in force on ``device_type``, or None
+    without autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return CastWeights(modules, torch.get_autocast_dtype(device_type))
 
 
 def cast_weights_for(modules: list[nn.Module], device_type: str, cache: dict) -> CastWeights | None:
