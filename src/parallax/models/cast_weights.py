@@ -4,9 +4,10 @@ Under autocast every ``F.linear`` (and every matrix product of a Linear's weight
 fp32 weight and bias to the autocast dtype. Eager code can cache those casts (autocast's
 weight-cast cache); a captured step cannot (a cached cast would be a tensor of the capture,
 see ``graph_step.uncached_autocast``), so each replay would cast every weight again: about 15
-small kernels per CWS iteration, a sixth of an iteration's time on a small working set, and
-in a decoding step three times the bytes of the bf16 weights it reads (H200,
-BENCHMARKS.md). ``CastWeights`` keeps the casts in tensors of its own instead: captures read
+small kernels per CWS iteration (some 20 us of a 150 us iteration on a small working set,
+H200: BENCHMARKS.md), and in a decoding step at batch 1, which reads each weight once, four
+times the weights' bf16 bytes (the cast's fp32 read and bf16 write, then the bf16 read).
+``CastWeights`` keeps the casts in tensors of its own instead: captures read
 them in place of the weights (``swapped``), and ``refresh`` casts the weights as they are now
 (after an optimizer step, say) before the next replays: the CWS's iteration graphs once per
 settle call (``cws/graphed.py``), a decoding step's graph once per generation
