@@ -46,6 +46,19 @@ def tiny_model(seed=0, **overrides):
     return build_model(CWSConfig(**base))
 
 
+def probed_model():
+    """``tiny_model`` with an attention probe that matters: at initialisation the probe's keys
+    and values are about 1e-8 (small weights multiplied, then normalised), so a probe reading
+    wrong keys would go unseen."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(50)
+        for weight in (model.pool.experts["attention"].wk.weight, model.pool.experts["attention"].wv.weight,
+                       model.pool.experts["ssm"].out_proj.weight):
+            weight.mul_(20)
+    return model
+
+
 def tokens(batch=3, length=16, seed=0):
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -780,12 +793,13 @@ def test_graphed_compact_loop_replays_its_shrinks(graphs_on_cpu, eager_shrinks):
 
 def test_graphed_compact_loop_with_a_capture_evicted(graphs_on_cpu):
     """A capture dropped from the cache (the grid's, or a set's) while shrinks that read it stay
-    is made anew under the same key: no stale shrink may then run on the old buffers (the
-    reference's K, states and traces for other tokens and for the first ones again)."""
+    is made anew under the same key: no stale shrink may then run on the old buffers, and a set
+    captured with the old grid's probe keys reads this call's (the reference's K, states and
+    traces for other tokens and for the first ones again)."""
     from parallax.models.cws import graphed
 
     for evicted in ("grid", "set"):
-        model = tiny_model().eval()
+        model = probed_model()  # a set's capture reading the old grid's probe keys would show
         ids = tokens(8, 64)
         ref = settle_with(model, ids, "reference", tol=0.6)
         assert_same_settling(settle_with(model, ids, "compact", cuda_graph=True, tol=0.6), ref)

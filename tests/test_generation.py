@@ -358,6 +358,32 @@ def test_cuda_graph_decoding_needs_a_cuda_model_with_a_cache():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["transformer", "cws_halting_off", "recurrent_moe"])
+def test_cuda_graph_decoding_under_autocast_reads_weight_casts(name, monkeypatch):
+    """Under bf16 autocast the graph reads the weights cast once per generation: the tokens of
+    the same graphed step casting them at every replay (the same values, cast elsewhere)."""
+    import parallax.generation as generation
+
+    model = STEP_MODELS[name]().cuda()
+    prompts = torch.tensor(PROMPTS, device="cuda")
+    decoded = {}
+    for casts in (True, False):
+        if not casts:
+            monkeypatch.setattr(generation, "autocast_weights", lambda modules, device_type: None)
+        steps = []
+
+        def kept(step, *args):
+            GraphedStep.__init__(step, *args)
+            steps.append(step)
+
+        monkeypatch.setattr(generation, "GraphedStep", type("Kept", (GraphedStep,), {"__init__": kept}))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            decoded[casts] = generate_batch(model, prompts, 8, cuda_graph=True, temperature=0).ids.tolist()
+        assert steps and all((step.casts is not None) == casts for step in steps)
+    assert decoded[True] == decoded[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(STEP_MODELS))
 def test_cuda_graph_decoding_equals_eager(name, monkeypatch):
     """Each token one graph replay, which never waits for the device, past the context the

@@ -145,7 +145,8 @@ class GraphedStep:
     The race's noise is drawn before each replay from the caller's generator, outside the
     graph, so a graphed step samples the same tokens as an eager one with the same seed.
     Under autocast the graph reads the model's Linear weights cast once, when the step is
-    made (``cast_weights.py``), not cast again at every token.
+    made (``cast_weights.py``), not cast again at every token: a bf16 copy of those weights
+    held for the generation, which does not see the weights change in place meanwhile.
     """
 
     def __init__(self, model: torch.nn.Module, cache, sampling: tuple[float, int, float]):
