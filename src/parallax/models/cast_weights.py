@@ -7,15 +7,14 @@ see ``graph_step.uncached_autocast``), so each replay would cast every weight ag
 small kernels per CWS iteration (some 20 us of a 150 us iteration on a small working set,
 H200: BENCHMARKS.md), and in a decoding step at batch 1, which reads each weight once, four
 times the weights' bf16 bytes (the cast's fp32 read and bf16 write, then the bf16 read).
-Only ``nn.Linear`` layers are covered, whose weights autocast always casts; a plain parameter
-in a matrix product (the attention probe's per-slot output projection) is still cast at each
-replay.
-``CastWeights`` keeps the casts in tensors of its own instead: captures read
-them in place of the weights (``swapped``), and ``refresh`` casts the weights as they are now
-(after an optimizer step, say) before the next replays: the CWS's iteration graphs once per
-settle call (``cws/graphed.py``), a decoding step's graph once per generation
-(``generation.GraphedStep``). The values are autocast's own: the same weights rounded the
-same way.
+
+``CastWeights`` keeps the casts in tensors of its own instead: captures read them in place of
+the weights (``swapped``), and ``refresh`` casts the weights as they are now (after an
+optimizer step, say) before the next replays: the CWS's iteration graphs once per settle call
+(``cws/graphed.py``), a decoding step's graph once per generation (``generation.GraphedStep``).
+The values are autocast's own: the same weights rounded the same way. Only ``nn.Linear``
+layers are covered, whose weights autocast always casts; a plain parameter in a matrix product
+(the attention probe's per-slot output projection) is still cast at each replay.
 
 ``swapped`` changes the layers themselves, for every thread: while a capture runs (its
 warm-up and the capture, on first use of a shape), the model must not run elsewhere.

@@ -375,7 +375,7 @@ class _CapturedIteration:
             if x is not None:
                 torch.index_select(x.flatten(0, 1), 0, rows, out=buffer[0])
         for buffer, x in zip(_per_sequence(self.context), _per_sequence(context)):
-            if buffer is not x:  # not shared: with the grid capture of another call
+            if buffer is not x:  # a set captured with an evicted grid capture's, or another grid's
                 buffer.copy_(x)
         self.rows.copy_(rows)
         self.context.rows.copy_(rows)
