@@ -97,3 +97,34 @@ def test_divergence_between_logs_names_its_step_and_keeps_the_earlier_checkpoint
     with pytest.raises(TrainingDiverged, match="at step 6"):
         trainer_diverging_at(6, out, over).fit()
     assert load_run(out).step == 4
+
+
+def test_resume_keeps_its_overrides_and_refuses_a_finished_run(tmp_path, tiny_sort_overrides, capsys):
+    """``train --resume RUN train.steps=N`` records N, so a later plain ``--resume`` goes on to
+    it; a run already at train.steps is a one-line error, not a silent no-op."""
+    from parallax.checkpoint import read_run_config
+    from parallax.cli.main import main
+
+    out = tmp_path / "run"
+    train(RunConfig.from_dict({}, tiny_sort_overrides), out)  # 12 steps
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "at step 12 already" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "train.steps=18", "train.save_every=100"]) == 0
+    assert read_run_config(out).train.steps == 18 and load_run(out).step == 18
+    assert main(["train", "--resume", str(out), "train.steps=24"]) == 0
+    assert load_run(out).step == 24
+
+
+def test_data_prepared_again_with_a_larger_vocabulary_is_a_one_line_error(tmp_path, tiny_sort_overrides):
+    """A run whose data now has more tokens than its model's vocabulary (text prepared again)
+    is refused by name, where loading it would index past the embedding."""
+    from parallax.errors import CheckpointError
+
+    out = tmp_path / "run"
+    train(RunConfig.from_dict({}, tiny_sort_overrides), out)
+    saved = json.loads((out / "config.json").read_text())
+    saved["model"]["vocab_size"] -= 1  # as if the data's vocabulary grew by one since
+    (out / "config.json").write_text(json.dumps(saved))
+    for load in (lambda: load_run(out), lambda: Trainer(resume_config(out, []), out, resume=True)):
+        with pytest.raises(CheckpointError, match="the data changed since the run was trained"):
+            load()

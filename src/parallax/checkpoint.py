@@ -187,7 +187,8 @@ def read_run_config(run_dir: Path, overrides: list[str] = ()):
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {str(run_dir)!r} does not exist")
+        what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
+        raise CheckpointError(f"run directory {str(run_dir)!r} {what}")
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{str(run_dir)!r} is not a run directory (it has no {CONFIG_FILE})")
@@ -214,6 +215,16 @@ class LoadedRun:
     checkpoint: Path
 
 
+def check_same_vocabulary(cfg, source) -> None:
+    """A run's data must still fit its model's vocabulary: text prepared again with a larger
+    vocabulary after training would index past the embedding."""
+    if 0 < cfg.model.vocab_size < source.vocab_size:  # 0: not bound to the data yet
+        raise CheckpointError(
+            f"the data now has a vocabulary of {source.vocab_size} tokens, the run's model "
+            f"{cfg.model.vocab_size}: the data changed since the run was trained ({source.fingerprint()})"
+        )
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()) -> LoadedRun:
     """Rebuild a run's model and data source from its directory and newest checkpoint.
 
@@ -228,6 +239,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", overrides:
     if ckpt is None:
         raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint yet")
     source = build_data(cfg.data)
+    check_same_vocabulary(cfg, source)
     model = build_model(cfg.model)
     meta = load_weights(ckpt, model, cfg.model_name)
     model.to(device).eval()

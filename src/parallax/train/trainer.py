@@ -24,6 +24,7 @@ import torch
 from parallax import __version__
 from parallax.checkpoint import (
     CONFIG_FILE,
+    check_same_vocabulary,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
@@ -53,6 +54,11 @@ def bind_data_shapes(cfg: RunConfig, source: DataSource) -> None:
         )
     if cfg.model.max_seq_len == 0:
         cfg.model.max_seq_len = source.seq_len
+    elif cfg.model.max_seq_len < source.seq_len:
+        raise ConfigError(
+            f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's sequences "
+            f"({source.seq_len}); remove the override or raise it"
+        )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
@@ -100,6 +106,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.runtime = runtime or single_process_runtime(cfg.train.device, cfg.train.precision)
         self.source = build_data(cfg.data)
+        if resume:
+            check_same_vocabulary(cfg, self.source)
         bind_data_shapes(cfg, self.source)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model).to(self.runtime.device)
@@ -121,7 +129,10 @@ class Trainer:
         if resume:
             if ckpt is None:
                 raise CheckpointError(f"cannot resume: {str(self.run_dir)!r} holds no checkpoint")
-            return self._restore(ckpt)
+            state = self._restore(ckpt)
+            if self.runtime.is_main:  # the train.* overrides hold for the next --resume too
+                write_text_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_json() + "\n")
+            return state
         if ckpt is not None:
             raise CheckpointError(
                 f"{str(self.run_dir)!r} already holds a run; resume it with --resume or choose another --out"

@@ -38,6 +38,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import json
 
+    from parallax.checkpoint import latest_checkpoint, read_meta
     from parallax.config import DEFAULT_JOB, RunConfig, load_toml
     from parallax.errors import ConfigError
     from parallax.train import resume_config, train
@@ -53,6 +54,11 @@ def run(args) -> int:
             raise ConfigError("--resume continues a saved run; it takes only train.* overrides, not --config/--model/--task/--out")
         cfg = resume_config(args.resume, overrides)
         out = Path(args.resume)
+        ckpt = latest_checkpoint(out)  # none: train says so
+        if ckpt is not None and read_meta(ckpt)["step"] >= cfg.train.steps:
+            raise ConfigError(
+                f"the run is at step {read_meta(ckpt)['step']} already; give a larger train.steps to continue it"
+            )
     else:
         names_given = any(o.startswith(("model.name=", "data.name=")) for o in overrides)
         if args.config:
