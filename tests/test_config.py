@@ -30,7 +30,11 @@ def test_unknown_key_names_valid_keys():
     [("train.steps=abc", "train.steps must be int"), ("train.compile=maybe", "must be bool"),
      ("nosection.x=1", "unknown config section"), ("train.steps", "section.key=value"),
      ("model.name=nonexistent", "unknown model"), ("train.compile_mode=fast", "compile_mode must be one of"),
-     ("train.eval_every=0", "eval_every must be at least 1"), ("train.batch_size=0", "batch_size must be at least 1")],
+     ("train.eval_every=0", "eval_every must be at least 1"), ("train.batch_size=0", "batch_size must be at least 1"),
+     ("model.d_model=-4", "model.d_model must not be negative"), ("model.n_heads=0", "model.n_heads must be at least 1"),
+     ("model.n_layers=0", "model.n_layers must be at least 1"), ("model.dropout=2", "dropout must be below 1"),
+     ("train.lr=nan", "train.lr must be a finite number"), ("train.lr=0", "lr must be positive"),
+     ("data.length=-1", "data.length must not be negative")],
 )
 def test_bad_values_are_one_line_errors(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

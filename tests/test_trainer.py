@@ -83,3 +83,24 @@ def test_compile_mode_reaches_torch_compile(tmp_path, tiny_sort_overrides, monke
     over = tiny_sort_overrides + ["train.compile=true", "train.compile_mode=reduce-overhead"]
     Trainer(RunConfig.from_dict({}, over), tmp_path / "run")
     assert seen == ["reduce-overhead"]
+
+
+def test_paths_that_cannot_be_written_and_bad_counts_are_one_line_errors(tmp_path, tiny_sort_overrides, capsys):
+    """An --out under a file, a sequence length the model cannot hold: exit 2 with one line on
+    stderr, no traceback and no run directory left behind; eval --batches 0 is an argument error."""
+    from parallax.cli.main import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, fragment in [
+        (["train", "--out", str(a_file / "run"), *tiny_sort_overrides], "Not a directory"),
+        (["train", "--out", str(tmp_path / "short"), *tiny_sort_overrides, "model.max_seq_len=4"],
+         "model.max_seq_len=4 is shorter than the data's sequences"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "short").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path), "--batches", "0"])
+    assert exit_info.value.code == 2 and "--batches: must be at least 1" in capsys.readouterr().err

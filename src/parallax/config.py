@@ -82,6 +82,8 @@ class TrainConfig:
                     f"train.{name} must be at least 1, got {getattr(self, name)}"
                     + (" (it counts steps: set it above train.steps to act only at the end)" if "every" in name else "")
                 )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if self.parallel not in ("none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be none, ddp or fsdp, got {self.parallel!r}")
         if self.compile_mode not in COMPILE_MODES:
@@ -152,7 +154,7 @@ def section_name(registry: Registry, cfg: Any) -> str:
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -206,6 +208,7 @@ def _fill(obj: Any, table: dict[str, Any], strings: dict[str, str], where: str) 
                 raise ConfigError(f"unknown key {key!r} in {where}; valid keys: {', '.join(valid)}")
             parse = _parse_string if source == "override" else _check_value
             setattr(obj, key, parse(value, hints[key], f"{where.split(' ')[0]}.{key}"))
+    _check_numbers(obj, where.split(" ")[0])
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:
@@ -213,6 +216,27 @@ def _fill(obj: Any, table: dict[str, Any], strings: dict[str, str], where: str) 
         except ValueError as exc:
             raise ConfigError(f"invalid {where} config: {exc}") from None
     return obj
+
+
+# sizes an architecture cannot have none of (each model names its own; 0 elsewhere means "from
+# the data" or "off")
+MODEL_SIZES = ("d_model", "n_heads", "n_layers", "dim", "heads", "n_embd", "n_head", "n_layer", "core_layers")
+
+
+def _check_numbers(obj: Any, section: str) -> None:
+    """No config number is negative or not finite, no model size is 0 and dropout is below 1."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+        if value < 0:
+            raise ConfigError(f"{section}.{f.name} must not be negative, got {value}")
+        if section == "model" and f.name in MODEL_SIZES and value < 1:
+            raise ConfigError(f"model.{f.name} must be at least 1, got {value}")
+        if f.name == "dropout" and value >= 1:
+            raise ConfigError(f"{section}.dropout must be below 1, got {value}")
 
 
 def _type_name(tp: Any) -> str:

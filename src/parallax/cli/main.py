@@ -2,12 +2,14 @@
 
 Each subcommand lives in ``parallax/cli/commands/<name>.py`` and defines ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. User errors (``ParallaxError``) print one
-line on stderr and exit with the error's code; no traceback.
+line on stderr and exit with the error's code; no traceback. So do paths that cannot be
+read or written (``OSError``, exit 2), an interrupt (130) and a closed pipe on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from parallax import __version__
@@ -53,19 +55,28 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 0
+    command = "parallax"
     try:
+        parser = build_parser()
+        args = parse(parser, sys.argv[1:] if argv is None else list(argv))
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 0
+        command = f"parallax {args.command}"
         return int(args.handler(args) or 0)
     except ParallaxError as exc:
-        print(f"parallax {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"parallax {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``parallax models -v | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    except OSError as exc:  # a path the user gave that cannot be read or written
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def read_text_files(paths: Iterable[str | Path]) -> Corpus:
     sources = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise ParallaxError(f"input file {str(path)!r} does not exist")
+            raise ParallaxError(f"input file {str(path)!r} {'is a directory' if path.is_dir() else 'does not exist'}")
         data = path.read_bytes()
         try:
             text = data.decode("utf-8")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from parallax.cli.commands import positive_float
+
 HELP = "measure the models (memory per depth K, throughput)"
 
 
@@ -75,7 +77,7 @@ def add_arguments(parser) -> None:
                                 ("--warmup", d.warmup, "untimed calls first"),
                                 ("--steps", d.steps, "timed calls (median reported)")):
         hp.add_argument(flag, type=int, default=default, help=what)
-    hp.add_argument("--tolerances", type=float, nargs="+", default=list(DEFAULT_TOLERANCES), help="halt_tol values")
+    hp.add_argument("--tolerances", type=positive_float, nargs="+", default=list(DEFAULT_TOLERANCES), help="halt_tol values")
     hp.add_argument("--no-compile", action="store_true", help="skip the compiled (compile_step) rows")
     hp.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"])
     hp.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")

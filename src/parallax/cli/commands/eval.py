@@ -18,14 +18,16 @@ import math
 import sys
 from pathlib import Path
 
+from parallax.cli.commands import positive_int
+
 HELP = "evaluate a run: metrics, K-DOF analysis and plots"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="test-time overrides, e.g. model.k_max=48")
-    parser.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
-    parser.add_argument("--batch-size", type=int, help="default: the run's train.batch_size")
+    parser.add_argument("--batches", type=positive_int, default=8, help="validation batches (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, help="default: the run's train.batch_size")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--json", action="store_true", help="print all results as JSON on stdout")
     parser.add_argument("--plots", metavar="DIR", help="where to write PNG plots (default RUN_DIR/eval)")
