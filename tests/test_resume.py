@@ -63,6 +63,8 @@ def test_resume_cannot_change_the_model(tmp_path, tiny_sort_overrides):
 
     with pytest.raises(ConfigError, match="cannot change the model"):
         resume_config(out, ["model.d_model=64"])
+    with pytest.raises(ConfigError, match="^train.steps must be int"):  # the override's error, not the file's
+        resume_config(out, ["train.steps=abc"])
     assert resume_config(out, ["train.steps=20"]).train.steps == 20
 
 

@@ -200,9 +200,11 @@ def read_run_config(run_dir: Path, overrides: list[str] = ()):
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} is not valid JSON") from None
     try:
-        return RunConfig.from_dict(raw, list(overrides))
+        saved = RunConfig.from_dict(raw)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    # a bad override is the caller's ConfigError (exit 2), not the file's
+    return RunConfig.from_dict(raw, list(overrides)) if overrides else saved
 
 
 @dataclass
