@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -104,3 +106,23 @@ def test_paths_that_cannot_be_written_and_bad_counts_are_one_line_errors(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path), "--batches", "0"])
     assert exit_info.value.code == 2 and "--batches: must be at least 1" in capsys.readouterr().err
+
+
+def test_reused_out_and_a_killed_save_leave_no_mixed_logs_or_stale_folders(tmp_path, tiny_sort_overrides, capsys):
+    """A new run in a folder that holds an earlier run's logs but no checkpoint is refused (its
+    metrics would follow the old ones); a half-written checkpoint folder left by a killed save is
+    removed by the next save; with train.progress=false the evaluation lines still print."""
+    from parallax.errors import CheckpointError
+
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / ".step_00000003.tmp-999999"
+    stale.mkdir(parents=True)
+    train(RunConfig.from_dict({}, tiny_sort_overrides), out)  # progress=false
+    assert not stale.exists()
+    assert re.search(r"step +6 .*val loss", capsys.readouterr().err)
+
+    logs_only = tmp_path / "logs_only"
+    logs_only.mkdir()
+    (logs_only / "metrics.jsonl").write_text('{"step": 10, "train_loss": 1.0}\n')
+    with pytest.raises(CheckpointError, match="holds the logs of an earlier run"):
+        train(RunConfig.from_dict({}, tiny_sort_overrides), logs_only)

@@ -101,6 +101,8 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
+    for stale in root.glob(".step_*.tmp-*"):  # left by a process killed while it saved
+        shutil.rmtree(stale, ignore_errors=True)
     write_text_atomic(root / LATEST, final.name + "\n")
     complete = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in complete[: max(0, len(complete) - keep)]:

@@ -73,7 +73,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead adds CUDA graphs
     parallel: str = "none"  # none | ddp | fsdp; under torchrun with several processes none means ddp
-    progress: bool = True
+    progress: bool = True  # the progress bar; without it the evaluation lines still print
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_checkpoints"):

@@ -13,6 +13,7 @@ no_grad, a training step's memory does not grow with K. Two measures of one trai
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Callable
 
 import torch
@@ -52,6 +53,8 @@ def training_memory(
 
     if not any(f.name == depth_key for f in dataclasses.fields(cfg.model)):
         raise ConfigError(f"model {cfg.model_name!r} has no config key {depth_key!r} to vary")
+    if typing.get_type_hints(type(cfg.model))[depth_key] is not int:
+        raise ConfigError(f"{depth_key} is not a depth (an int) of model {cfg.model_name!r}")
     source = build_data(cfg.data)
     model_cfg = dataclasses.replace(
         cfg.model,

@@ -137,6 +137,11 @@ class Trainer:
             raise CheckpointError(
                 f"{str(self.run_dir)!r} already holds a run; resume it with --resume or choose another --out"
             )
+        if (self.run_dir / "metrics.jsonl").exists():  # a new run's logs would follow the old ones
+            raise CheckpointError(
+                f"{str(self.run_dir)!r} holds the logs of an earlier run that saved no checkpoint; "
+                "choose another --out or remove it"
+            )
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_json() + "\n")
@@ -280,6 +285,8 @@ class Trainer:
                     logger.log(self.step, flatten_metrics(metrics, prefix="val"))
                     if bar is not None:
                         bar.write(format_eval_line(self.step, metrics))
+                    elif self.runtime.is_main:
+                        print(format_eval_line(self.step, metrics), file=sys.stderr)
                 if save:
                     self.save()
         finally:
