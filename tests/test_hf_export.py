@@ -122,6 +122,8 @@ def test_export_command_and_eam_refusal(tmp_path, capsys):
     assert main(["export", str(run), "model.test_iterations=5", "--hf", str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["parallax_config"]["test_iterations"] == 5 and config["model_type"] == "parallax_recurrent"
+    assert main(["export", str(run), "train.steps=5", "--hf", str(tmp_path / "hf2")]) == 2  # model.* only
+    assert "model.KEY=VALUE overrides only" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
 
     eam = write_run(tmp_path / "eam", "eam")
     assert main(["export", str(eam), "--hf", str(tmp_path / "no")]) == 1

@@ -96,6 +96,15 @@ def test_cuda_without_a_gpu_is_a_one_line_error(argv, capsys):
     assert "no CUDA device" in err and err.count("\n") == 1
 
 
+def test_gen_cuda_graph_on_cpu_is_a_one_line_error(capsys):
+    """Decoding by graph replays needs CUDA: said at once, not silently decoded eagerly."""
+    argv = ["bench", "throughput", "--dim", "32", "--seq", "32", "--batch", "2", "--steps", "1",
+            "--gen-tokens", "8", "--gen-cuda-graph", "--device", "cpu", "--models", "transformer"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "need a CUDA device" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_decoding_is_timed_from_the_first_replayed_token(cuda_graph, monkeypatch):
     """The decode span starts after the tokens decoded before it (one, or two with graphs:

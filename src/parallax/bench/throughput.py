@@ -368,6 +368,8 @@ def run_throughput(tc: ThroughputConfig, json_path: str | Path | None = None, lo
     for name, cfg in configs.items():
         step_flops(name, cfg, tc.batch, tc.seq)  # an uncountable config fails before any timing
     device, dtype = resolve(tc)
+    if tc.gen_cuda_graph and device.type != "cuda":
+        raise ConfigError("--gen-cuda-graph decodes by CUDA graph replays, which need a CUDA device")
     report: dict[str, Any] = {**environment(device, dtype), "config": dataclasses.asdict(tc)}
     log(f"{report['device']}, torch {report['torch']}, {report['precision']}, {report['date']}")
     report["ceilings"] = measure_ceilings(device, dtype or torch.float32)

@@ -30,6 +30,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from parallax.errors import ConfigError
+
+    wrong = [o for o in args.overrides if not o.startswith("model.")]
+    if wrong:
+        raise ConfigError(f"export takes model.KEY=VALUE overrides only, got {wrong[0]!r}")
     from parallax.hf.export import export_hf
 
     out, has_tokenizer = export_hf(args.run_dir, args.hf, args.overrides)
