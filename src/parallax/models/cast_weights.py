@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 KEPT = 2  # sets of casts kept ready per workspace (a capture holds on to its own)
 
@@ -79,10 +79,8 @@ def cast_weights_for(modules: list[nn.Module], device_type: str, cache: dict) ->
     the same addresses from call to call for the captures that read them."""
     if not torch.is_autocast_enabled(device_type):
         return None
-    dtype = torch.get_autocast_dtype(device_type)
-    weights: list[Tensor] = [p for m in modules for p in m.parameters()]
-    key = (dtype, tuple(p.data_ptr() for p in weights))
-    casts = cache.pop(key, None) or CastWeights(modules, dtype)
+    key = (torch.get_autocast_dtype(device_type), tuple(p.data_ptr() for m in modules for p in m.parameters()))
+    casts = cache.pop(key, None) or autocast_weights(modules, device_type)
     cache[key] = casts  # the newest last
     while len(cache) > KEPT:
         cache.pop(next(iter(cache)))

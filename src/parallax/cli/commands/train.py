@@ -55,10 +55,9 @@ def run(args) -> int:
         cfg = resume_config(args.resume, overrides)
         out = Path(args.resume)
         ckpt = latest_checkpoint(out)  # none: train says so
-        if ckpt is not None and read_meta(ckpt)["step"] >= cfg.train.steps:
-            raise ConfigError(
-                f"the run is at step {read_meta(ckpt)['step']} already; give a larger train.steps to continue it"
-            )
+        step = read_meta(ckpt)["step"] if ckpt is not None else 0
+        if step >= cfg.train.steps:
+            raise ConfigError(f"the run is at step {step} already; give a larger train.steps to continue it")
     else:
         names_given = any(o.startswith(("model.name=", "data.name=")) for o in overrides)
         if args.config:
