@@ -13,6 +13,7 @@ from parallax.checkpoint import load_run
 from parallax.config import RunConfig
 from parallax.errors import TrainingDiverged
 from parallax.train import Trainer, resume_config, train
+from parallax.train.metrics_log import read_metrics
 
 STEPS = 120
 
@@ -26,7 +27,8 @@ def losses(run_dir):
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "train_loss" in row:
-            by_step[row["step"]] = row["train_loss"]  # a resumed run re-logs steps after its checkpoint
+            assert row["step"] not in by_step, f"step {row['step']} logged twice"
+            by_step[row["step"]] = row["train_loss"]
     return by_step
 
 
@@ -54,6 +56,25 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_sort_overr
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resume_logs_each_step_once(tmp_path, tiny_sort_overrides):
+    """Steps logged after the last checkpoint by a run that stopped (here: diverged at step 9,
+    checkpoint at 6) are logged again by the resumed run; the old rows are dropped first, in
+    metrics.jsonl and in TensorBoard, so each step has one row of each kind."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="at step 9"):
+        trainer_diverging_at(9, out, tiny_sort_overrides).fit()
+    assert [r["step"] for r in read_metrics(out) if "train_loss" in r] == list(range(1, 9))
+    train(resume_config(out, []), out, resume=True)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
 
 
 def test_resume_cannot_change_the_model(tmp_path, tiny_sort_overrides):

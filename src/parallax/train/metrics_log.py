@@ -7,17 +7,25 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Appends ``{"step": s, **metrics}`` to RUN_DIR/metrics.jsonl and TensorBoard scalars."""
+    """Appends ``{"step": s, **metrics}`` to RUN_DIR/metrics.jsonl and TensorBoard scalars.
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    ``start_step`` is the step a resumed run continues from: what the run logged after it
+    (past its last checkpoint, before it stopped) is logged again, so it is dropped first.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self._writer = None
         self._file = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(run_dir))
-            self._file = open(Path(run_dir) / "metrics.jsonl", "a")
+            path = Path(run_dir) / "metrics.jsonl"
+            if start_step and path.is_file():
+                drop_rows_after(path, start_step)
+            # TensorBoard hides the earlier events from purge_step on
+            self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step else None)
+            self._file = open(path, "a")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -31,6 +39,20 @@ class MetricsLogger:
         if self.enabled:
             self._writer.close()
             self._file.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` up to ``step``; a line cut short by a killed write goes too."""
+    from parallax.checkpoint import write_text_atomic
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text_atomic(path, "".join(kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

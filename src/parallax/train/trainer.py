@@ -247,7 +247,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
-        logger = MetricsLogger(self.run_dir, enabled=self.runtime.is_main)
+        logger = MetricsLogger(self.run_dir, enabled=self.runtime.is_main, start_step=self.step)
         bar = None
         if t.progress and self.runtime.is_main:
             from tqdm.auto import tqdm
