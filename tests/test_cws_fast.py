@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from parallax.models import build_model
 from parallax.models.cws import CWSConfig
 from parallax.models.cws.compact import ActiveCounts, planned_set_sizes, worth_waiting
+from parallax.models.cws.experts import AttentionProbe
 from parallax.models.cws.pool import TokenContext
 from parallax.models.cws.settle import settle
 from parallax.ops import fused_read
@@ -1033,7 +1034,8 @@ def test_planned_set_sizes_replay_the_compact_loop(pad, tol):
 
 def test_cast_weights_are_autocasts_own_values():
     """A step reading the casts gives autocast's results exactly; the casts cover the Linear
-    layers an iteration runs (not the token-clocked SSM's), follow in-place updates on refresh,
+    layers an iteration runs (not the token-clocked SSM's) and the attention probe's per-slot
+    output projection (a plain parameter in an einsum), follow in-place updates on refresh,
     and the layers get their own weights back, also after an error inside."""
     from parallax.models.cast_weights import CastWeights
 
@@ -1043,6 +1045,8 @@ def test_cast_weights_are_autocasts_own_values():
     own = {id(p) for _, _, p in casts.sources}
     assert own and own.isdisjoint(id(p) for p in pool.experts["ssm"].parameters())
     assert id(workspace.q_proj.weight) in own and id(workspace.h_norm.weight) not in own
+    probe = next(m for m in pool.h_clocked_experts() if isinstance(m, AttentionProbe))
+    assert id(probe.wo) in own
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.05).add_(0.01)  # in place, as an optimizer step
@@ -1052,7 +1056,7 @@ def test_cast_weights_are_autocasts_own_values():
         h, cum = workspace.initial_state(context.observation, pool.total_slots)
         plain = workspace.step(h, cum, pool, context)
         with casts.swapped():
-            assert workspace.q_proj.weight.dtype == torch.bfloat16
+            assert workspace.q_proj.weight.dtype == probe.wo.dtype == torch.bfloat16
             cast = workspace.step(h, cum, pool, context)
     for x, y in zip(cast, plain):
         assert torch.equal(x, y)

@@ -12,9 +12,10 @@ times the weights' bf16 bytes (the cast's fp32 read and bf16 write, then the bf1
 the weights (``swapped``), and ``refresh`` casts the weights as they are now (after an
 optimizer step, say) before the next replays: the CWS's iteration graphs once per settle call
 (``cws/graphed.py``), a decoding step's graph once per generation (``generation.GraphedStep``).
-The values are autocast's own: the same weights rounded the same way. Only ``nn.Linear``
-layers are covered, whose weights autocast always casts; a plain parameter in a matrix product
-(the attention probe's per-slot output projection) is still cast at each replay.
+The values are autocast's own: the same weights rounded the same way. Covered: every
+``nn.Linear``, whose weights autocast always casts, and the plain parameters a module names in
+its ``matmul_weights`` (the attention probe's per-slot output projection, read by an einsum,
+which autocast also casts).
 
 ``swapped`` changes the layers themselves, for every thread: while a capture runs (its
 warm-up and the capture, on first use of a shape), the model must not run elsewhere.
@@ -32,14 +33,16 @@ KEPT = 2  # sets of casts kept ready per workspace (a capture holds on to its ow
 
 
 class CastWeights:
-    """The weights and biases of the ``nn.Linear`` layers in ``modules`` that autocast would
-    cast to ``dtype``, as ``dtype`` parameters of their own (no gradient)."""
+    """The weights and biases of the ``nn.Linear`` layers in ``modules`` (and the parameters
+    named by a module's ``matmul_weights``) that autocast would cast to ``dtype``, as ``dtype``
+    parameters of their own (no gradient)."""
 
     def __init__(self, modules: Iterable[nn.Module], dtype: torch.dtype):
-        linears = {id(m): m for module in modules for m in module.modules() if isinstance(m, nn.Linear)}
+        layers = {id(m): m for module in modules for m in module.modules()}
         self.sources = [
-            (layer, name, p) for layer in linears.values() for name, p in layer.named_parameters(recurse=False)
-            if p.is_floating_point() and p.dtype != dtype
+            (layer, name, p) for layer in layers.values() for name, p in layer.named_parameters(recurse=False)
+            if (isinstance(layer, nn.Linear) or name in getattr(layer, "matmul_weights", ()))
+            and p.is_floating_point() and p.dtype != dtype
         ]
         self.casts = [nn.Parameter(p.detach().to(dtype), requires_grad=False) for _, _, p in self.sources]
 

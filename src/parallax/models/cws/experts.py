@@ -82,6 +82,8 @@ class AttentionProbe(nn.Module):
     token (``graphed.py``), at the price of attending over max_len positions.
     """
 
+    matmul_weights = ("wo",)  # cast once per call for CUDA graphs, as Linear weights are (cast_weights.py)
+
     def __init__(self, dim: int, slots: int, head_dim: int, source_dim: int, rope_base: float):
         super().__init__()
         self.slots, self.head_dim = slots, head_dim
