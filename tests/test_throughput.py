@@ -125,6 +125,21 @@ def test_decoding_is_timed_from_the_first_replayed_token(cuda_graph, monkeypatch
     assert stamps == [0, before, 5]  # start, end of the untimed tokens, end
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["halting", "--tolerances", "1.0", "--no-compile", "--set", "transformer.d_model=64"],
+     "bench halting takes cws.KEY=VALUE overrides only, got 'transformer.d_model=64'"),
+    (["throughput", "--models", "cws", "--prompt", "2", "--gen-tokens", "3", "--gen-batches", "1",
+      "--gen-repeats", "1", "--set", "transformer.d_model=64"],
+     "bench throughput takes cws.KEY=VALUE overrides only, got 'transformer.d_model=64'"),
+])
+def test_override_of_a_model_not_measured_is_a_one_line_error(argv, message, capsys):
+    """It would be ignored: the halting bench builds the CWS alone, throughput only --models."""
+    small = ["--dim", "32", "--seq", "16", "--batch", "2", "--vocab", "64", "--warmup", "0", "--steps", "1"]
+    assert main(["bench", *argv, *small, "--set", "cws.k_max=2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
 def test_halting_bench_times_every_loop_at_the_same_mean_k(tmp_path, capsys):
     path = tmp_path / "halting.json"
     argv = ["bench", "halting", "--dim", "32", "--seq", "16", "--batch", "2", "--vocab", "64", "--warmup", "0",

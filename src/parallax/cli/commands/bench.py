@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from parallax.cli.commands import positive_float
+from parallax.cli.commands import only_sections, positive_float
 
 HELP = "measure the models (memory per depth K, throughput)"
 
@@ -121,6 +121,7 @@ def run_throughput(args) -> int:
     from parallax.bench.throughput import ThroughputConfig, format_table
     from parallax.bench.throughput import run_throughput as measure
 
+    only_sections(args.overrides, args.models, "bench throughput")  # another model's would be ignored
     tc = ThroughputConfig(
         models=tuple(args.models), dim=args.dim, seq=args.seq, batch=args.batch, vocab=args.vocab,
         warmup=args.warmup, steps=args.steps, gen_batches=tuple(args.gen_batches), prompt=args.prompt,
@@ -138,6 +139,7 @@ def run_halting(args) -> int:
     from parallax.bench.halting import run_halting as measure
     from parallax.bench.throughput import ThroughputConfig
 
+    only_sections(args.overrides, ("cws",), "bench halting")  # it builds the CWS alone
     tc = ThroughputConfig(
         models=("cws",), dim=args.dim, seq=args.seq, batch=args.batch, vocab=args.vocab, warmup=args.warmup,
         steps=args.steps, precision=args.precision, device=args.device, overrides=tuple(args.overrides),

@@ -30,11 +30,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from parallax.errors import ConfigError
+    from parallax.cli.commands import only_sections
 
-    wrong = [o for o in args.overrides if not o.startswith("model.")]
-    if wrong:
-        raise ConfigError(f"export takes model.KEY=VALUE overrides only, got {wrong[0]!r}")
+    only_sections(args.overrides, ("model",), "export")
     from parallax.hf.export import export_hf
 
     out, has_tokenizer = export_hf(args.run_dir, args.hf, args.overrides)
