@@ -125,19 +125,34 @@ def test_decoding_is_timed_from_the_first_replayed_token(cuda_graph, monkeypatch
     assert stamps == [0, before, 5]  # start, end of the untimed tokens, end
 
 
+# sizes at which a bench that should have refused its input runs in a second, not for minutes
+SMALL = ["--dim", "32", "--seq", "16", "--batch", "2", "--warmup", "0", "--steps", "1", "--set", "cws.k_max=2",
+         "--device", "cpu"]
+SMALL_THROUGHPUT = ["--models", "cws", "--prompt", "2", "--gen-tokens", "3", "--gen-batches", "1", "--gen-repeats", "1"]
+SMALL_HALTING = ["--tolerances", "1.0", "--no-compile"]
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["halting", "--tolerances", "1.0", "--no-compile", "--set", "transformer.d_model=64"],
+    (["halting", *SMALL_HALTING, "--set", "transformer.d_model=64"],
      "bench halting takes cws.KEY=VALUE overrides only, got 'transformer.d_model=64'"),
-    (["throughput", "--models", "cws", "--prompt", "2", "--gen-tokens", "3", "--gen-batches", "1",
-      "--gen-repeats", "1", "--set", "transformer.d_model=64"],
+    (["throughput", *SMALL_THROUGHPUT, "--set", "transformer.d_model=64"],
      "bench throughput takes cws.KEY=VALUE overrides only, got 'transformer.d_model=64'"),
 ])
 def test_override_of_a_model_not_measured_is_a_one_line_error(argv, message, capsys):
     """It would be ignored: the halting bench builds the CWS alone, throughput only --models."""
-    small = ["--dim", "32", "--seq", "16", "--batch", "2", "--vocab", "64", "--warmup", "0", "--steps", "1"]
-    assert main(["bench", *argv, *small, "--set", "cws.k_max=2", "--device", "cpu"]) == 2
+    assert main(["bench", *argv, *SMALL, "--vocab", "64"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["throughput", *SMALL_THROUGHPUT], ["halting", *SMALL_HALTING]])
+@pytest.mark.parametrize("vocab", ["1", "0"])
+def test_vocabulary_below_two_is_a_one_line_error(argv, vocab, capsys):
+    """The models run on one token, but every target is that token: nothing is learnt or measured."""
+    assert main(["bench", *argv, *SMALL, "--vocab", vocab]) == 2
+    err = capsys.readouterr().err
+    assert f"vocab must be at least 2 (one token leaves nothing to predict), got {vocab}" in err
+    assert err.count("\n") == 1
 
 
 def test_halting_bench_times_every_loop_at_the_same_mean_k(tmp_path, capsys):
