@@ -108,6 +108,19 @@ def test_paths_that_cannot_be_written_and_bad_counts_are_one_line_errors(tmp_pat
     assert exit_info.value.code == 2 and "--batches: must be at least 1" in capsys.readouterr().err
 
 
+def test_swap_block_size_shorter_than_the_data_is_a_one_line_error(tmp_path, tiny_sort_overrides, capsys):
+    """swap's context is model.block_size, checked against the data as model.max_seq_len is."""
+    from parallax.cli.main import main
+
+    swap = ["model.name=swap", "model.n_embd=32", "model.n_layer=1", "model.n_head=2", "model.n_kv_heads=1"]
+    over = [o for o in tiny_sort_overrides if not o.startswith(("model.", "train.steps="))] + swap + ["train.steps=1"]
+    assert main(["train", "--out", str(tmp_path / "short"), *over, "model.block_size=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.block_size=4 is shorter than the data's sequences" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "short").exists()
+    assert main(["train", "--out", str(tmp_path / "fits"), *over, "model.block_size=16"]) == 0
+
+
 def test_reused_out_and_a_killed_save_leave_no_mixed_logs_or_stale_folders(tmp_path, tiny_sort_overrides, capsys):
     """A new run in a folder that holds an earlier run's logs but no checkpoint is refused (its
     metrics would follow the old ones); a half-written checkpoint folder left by a killed save is

@@ -59,6 +59,11 @@ def bind_data_shapes(cfg: RunConfig, source: DataSource) -> None:
             f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's sequences "
             f"({source.seq_len}); remove the override or raise it"
         )
+    block_size = getattr(cfg.model, "block_size", None)  # swap's context window; never taken from the data
+    if block_size is not None and block_size < source.seq_len:
+        raise ConfigError(
+            f"model.block_size={block_size} is shorter than the data's sequences ({source.seq_len}); raise it"
+        )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
