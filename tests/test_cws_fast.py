@@ -367,24 +367,14 @@ print(json.dumps(out))
 """
 
 
-def test_fused_read_under_the_triton_interpreter():
+def test_fused_read_under_the_triton_interpreter(triton_interpreter):
     """The kernel against ``absorbed_read_reference`` on random inputs (fp32 near 1e-6, fp16 below
     1e-2); its custom op's fake outputs against the real ones (``torch.library.opcheck``) and its
     error on shapes that disagree; and a model with ``read="fused"`` against one with the absorbed
     read: the same settled states and K (halting off and on; also for pools of token-clocked or
     h-clocked experts only), the same loss and gradients (the live steps with grad run the
     PyTorch read, the others the kernel)."""
-    pytest.importorskip("triton", reason="the fused read needs triton (pip install parallax[gpu])")
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", FUSED_READ_CHECKS], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = triton_interpreter(FUSED_READ_CHECKS)
     for case, tol in zip(out["kernel"], (1e-5, 1e-5, 1e-5, 1e-2, 1e-2), strict=True):
         assert case["dtypes_kept"] and max(case["errors"]) < tol, case
     assert out["empty"] == [[0, 8, 5], [0, 8, 5], [0, 8, 16]]  # no tokens (an emptied working set): no launch

@@ -121,26 +121,12 @@ print(json.dumps({"cases": out, "empty": empty}))
 """
 
 
-def test_triton_scan_under_the_interpreter():
+def test_triton_scan_under_the_interpreter(triton_interpreter):
     """The Triton scan against the sequential reference in fp64: outputs, final state and the
     gradient of every input near 1e-6 in fp32 (below 1e-2 with fp16 inputs), with and without
     an initial state and D, at lengths off the kernel's chunk and widths off its block, at the
     default launch shape and two others."""
-    pytest.importorskip("triton", reason="the Triton scan needs triton (pip install parallax[gpu])")
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", TRITON_SCAN_CHECKS], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if "only 0-dimensional arrays can be converted to Python scalars" in done.stderr:
-        # Triton 3.6's interpreter with numpy 2 cannot loop to a runtime bound (3.9's can; the
-        # compiled kernels are unaffected and tested on CUDA below)
-        pytest.skip("this Triton's CPU interpreter cannot run a loop with a runtime bound")
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = triton_interpreter(TRITON_SCAN_CHECKS)
     for case in out["cases"]:
         tol = 1e-2 if case["dtype"] == "torch.float16" else 1e-5
         assert max(case["y"], case["state"], *case["grads"].values()) < tol, case

@@ -190,7 +190,8 @@ def test_multi_gpu_summary_reads_a_training_run(tmp_path, tiny_sort_overrides):
     spec.loader.exec_module(module)
     got = module.summarise(run_dir)
     assert sorted(got["train_loss"]) == [1, 2, 3, 4, 5]
-    assert got["tokens_per_s"] > 0 and got["peak_memory_gib"] == 0  # no CUDA memory on CPU
+    assert got["tokens_per_s"] > 0
+    assert (got["peak_memory_gib"] > 0) == torch.cuda.is_available()  # the run trains on CUDA where there is one
     assert got["parameters"] == summary["parameters"]
     (tmp_path / "transformer" / "2gpu_b4.train.json").write_text("")  # a run that crashed
     runs, failed = module.collect(tmp_path)
