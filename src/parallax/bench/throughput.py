@@ -75,7 +75,7 @@ class ThroughputConfig:
     def validate(self) -> None:
         if self.vocab < 2:  # the models run, but on one token the loss and its gradients are 0
             raise ConfigError(f"vocab must be at least 2 (one token leaves nothing to predict), got {self.vocab}")
-        if min(self.dim, self.seq, self.batch, self.vocab, self.steps, self.prompt, self.gen_tokens,
+        if min(self.dim, self.seq, self.batch, self.steps, self.prompt, self.gen_tokens,
                self.gen_repeats, *self.gen_batches) < 1 or self.warmup < 0:
             raise ConfigError("sizes, steps and generation settings must be >= 1 (warm-up >= 0)")
         if self.gen_cuda_graph and self.gen_tokens < 3:

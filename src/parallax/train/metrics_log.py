@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from parallax.checkpoint import write_text_atomic
+
 
 class MetricsLogger:
     """Appends ``{"step": s, **metrics}`` to RUN_DIR/metrics.jsonl and TensorBoard scalars.
@@ -43,8 +45,6 @@ class MetricsLogger:
 
 def drop_rows_after(path: Path, step: int) -> None:
     """Keep the rows of ``path`` up to ``step``; a line cut short by a killed write goes too."""
-    from parallax.checkpoint import write_text_atomic
-
     kept = []
     for line in path.read_text().splitlines():
         try:
