@@ -20,6 +20,8 @@ remote code. Needs the extra: pip install 'parallax[hf]'.
 
 from __future__ import annotations
 
+from parallax.cli.commands import only_sections
+
 HELP = "export a run as a Hugging Face model folder"
 
 
@@ -30,9 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from parallax.cli.commands import only_sections
-
-    only_sections(args.overrides, ("model",), "export")
+    only_sections(args.overrides, ("model",), "export")  # before the hf extra is needed
     from parallax.hf.export import export_hf
 
     out, has_tokenizer = export_hf(args.run_dir, args.hf, args.overrides)
