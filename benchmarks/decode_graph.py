@@ -10,7 +10,8 @@ holds the second token's eager step and the capture). CWS variants too:
 ``cws_halting`` (the default halting rule and tolerance at k_max 24, eager through the compact
 loop, graphed through the masked loop to k_max, so K per token is also compared),
 ``cws_compile_step`` (the no-grad iterations through ``torch.compile``, fewer kernels per
-iteration inside the graph) and ``cws_fused`` (``read=fused``).
+iteration inside the graph), ``cws_fused`` (``read=fused``) and ``cws_fused_projected``
+(``read=fused_projected``).
 
     python benchmarks/decode_graph.py out.json [--tokens 64] [--repeats 3] [--models ...]   # CUDA only
 """
@@ -27,7 +28,7 @@ from parallax.models import build_model
 
 MODELS = ("transformer", "swap", "recurrent", "cws")
 CWS_VARIANTS = {"cws_halting": dict(halting=True), "cws_compile_step": dict(compile_step=True),
-                "cws_fused": dict(read="fused")}
+                "cws_fused": dict(read="fused"), "cws_fused_projected": dict(read="fused_projected")}
 
 
 def main() -> None:

@@ -69,10 +69,44 @@ def main(out: str) -> None:
             report["kernel"].append(row)
             print(row, flush=True)
     report["fastest"] = min(report["kernel"], key=lambda row: row["ms"])
+    projected_read(report, args, exact)
     report["decode_call_us"] = decode_call_times(q, fixed, slots, cum, w_k, w_v)
-    print(json.dumps({k: v for k, v in report.items() if k != "kernel"}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("kernel", "projected_kernel")}, indent=1))
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def projected_read(report: dict, args: tuple, exact: tuple) -> None:
+    """The projected read (``read="fused_projected"``): the keys and values of the h-clocked slots
+    as one product and the kernel in head space, the token-clocked slots' keys and values computed
+    beforehand (once per forward in the model, so outside the timing); then the kernel alone at a
+    few warp counts, its bytes over its time against the copy bandwidth."""
+    q, slots, cum, w_k, w_v, decay, base, fixed = args
+    w_kv = torch.cat([w_k.flatten(0, 1), w_v.flatten(0, 1)])
+    fixed_kv = fr.slot_keys_values(fixed, w_kv)
+    got = fr.fused_projected_read(q, slots, cum, w_kv, decay, base, fixed_kv)
+    report["fused_projected"] = {
+        "errors_raw_cum_read": [relative_error(a, b) for a, b in zip(got, exact)],
+        "ms": do_bench(lambda: fr.fused_projected_read(q, slots, cum, w_kv, decay, base, fixed_kv), warmup=50, rep=300),
+        "keys_values_product_ms": do_bench(lambda: fr.slot_keys_values(slots, w_kv), warmup=50, rep=300),
+    }
+    report["projected_reference_ms"] = do_bench(lambda: fr.projected_read_reference(*args), warmup=50, rep=300)
+    report["fused_projected_vs_fused"] = report["fused_projected"]["ms"] / report["fused"]["ms"]
+    kv = fr.slot_keys_values(slots, w_kv)
+    raw, new_cum, read = torch.empty_like(cum), torch.empty_like(cum), torch.empty_like(q)
+    moved = sum(x.numel() * x.element_size() for x in (q, fixed_kv, kv, cum, raw, new_cum, read))
+    report["projected_kernel"] = []
+    for warps in (1, 2, 4, 8):
+        def launch(warps=warps):
+            fr._projected_token_read_kernel[(N,)](
+                q, fixed_kv, kv, cum, raw, new_cum, read, DECAY=DECAY, SCALE=1 / math.sqrt(HEAD_DIM),
+                INV_LN_BASE=1 / math.log(BASE), HEADS=HEADS, HEADS_P2=HEADS, HEAD_DIM=HEAD_DIM, HEAD_DIM_P2=HEAD_DIM,
+                FIXED=FIXED, SLOTS=SLOTS, SLOTS_P2=8, num_warps=warps)
+        ms = do_bench(launch, warmup=50, rep=300)
+        row = dict(warps=warps, ms=ms, gbs=moved / ms / 1e6)
+        row["of_copy"] = row["gbs"] / report["copy_gbs"]
+        report["projected_kernel"].append(row)
+        print(row, flush=True)
 
 
 def decode_call_times(q, fixed, slots, cum, w_k, w_v, calls: int = 500) -> list[dict]:

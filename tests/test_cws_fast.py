@@ -304,9 +304,21 @@ for n, heads, head_dim, slots, dim, dtype, n_fixed in [
     fixed = pool[:, :n_fixed].clone() if n_fixed else None
     fused = fused_read.fused_read(q, pool[:, n_fixed:].clone(), cum, w_k, w_v, 0.9, 2.0, fixed=fixed)
     ref = fused_read.absorbed_read_reference(q.float(), pool.float(), cum.float(), w_k, w_v, 0.9, 2.0)
+    w_kv = torch.cat([w_k.flatten(0, 1), w_v.flatten(0, 1)])
+    fixed_kv = None if fixed is None else fused_read.slot_keys_values(fixed, w_kv.to(fixed.dtype))
+    projected = fused_read.fused_projected_read(q, pool[:, n_fixed:].clone(), cum, w_kv, 0.9, 2.0, fixed_kv=fixed_kv)
+    projected_ref = fused_read.projected_read_reference(q.double(), pool.double(), cum.double(), w_k.double(),
+                                                        w_v.double(), 0.9, 2.0)
     out["kernel"].append({"dtype": str(dtype), "errors": [rel(a, b) for a, b in zip(fused, ref)],
-                          "dtypes_kept": [x.dtype for x in fused] == [q.dtype, cum.dtype, q.dtype]})
+                          "dtypes_kept": [x.dtype for x in fused] == [q.dtype, cum.dtype, q.dtype],
+                          "projected_errors": [rel(a, b) for a, b in zip(projected, projected_ref)],
+                          "projected_dtypes_kept": [x.dtype for x in projected] == [q.dtype, cum.dtype, q.dtype],
+                          "references": [rel(a, b) for a, b in zip(ref, projected_ref)]})
+out["projected_all_fixed"] = [rel(a, b) for a, b in zip(  # no slots but those whose keys and values are given
+    fused_read.fused_projected_read(q, None, cum, w_kv, 0.9, 2.0, fixed_kv=fused_read.slot_keys_values(pool, w_kv.to(pool.dtype))),
+    fused_read.projected_read_reference(q.double(), pool.double(), cum.double(), w_k.double(), w_v.double(), 0.9, 2.0))]
 out["empty"] = [list(x.shape) for x in fused_read.fused_read(q[:0], pool[:0], cum[:0], w_k, w_v, 0.9, 2.0)]
+out["empty"] += [list(x.shape) for x in fused_read.fused_projected_read(q[:0], pool[:0], cum[:0], w_kv, 0.9, 2.0)]
 # the kernel's custom op: its fake (what torch.compile plans with) against the real outputs,
 # for q_slot head-major (as the per-head product leaves it) and token-major, with and without
 # slots of a tensor of their own
@@ -316,11 +328,19 @@ for n, dtype in ((0, torch.float32), (20, torch.float32), (9, torch.bfloat16)): 
     for layout in (q_slot, q_slot.contiguous()):
         torch.library.opcheck(fused_read.token_read, (layout, None, slots, torch.rand(n, 3, 3) + 0.5, 0.9, 0.25, 1.4))
         torch.library.opcheck(fused_read.token_read, (layout, fixed, slots, torch.rand(n, 3, 5) + 0.5, 0.9, 0.25, 1.4))
+    q_heads, fixed_kv, kv = torch.randn(n, 4, 10, dtype=dtype), torch.randn(n, 2, 80, dtype=dtype), torch.randn(n, 3, 80, dtype=dtype)
+    torch.library.opcheck(fused_read.projected_token_read, (q_heads, None, kv, torch.rand(n, 4, 3) + 0.5, 0.9, 0.3, 1.4))
+    torch.library.opcheck(fused_read.projected_token_read, (q_heads, fixed_kv, kv, torch.rand(n, 4, 5) + 0.5, 0.9, 0.3, 1.4))
 out["opcheck"] = "passed"
 out["mismatch"] = []
 for fixed_, cum_ in ((None, torch.rand(n, 4, 3)), (fixed, torch.rand(n, 3, 3))):  # 4 heads, not 3; 3 slots, not 5
     try:
         fused_read.token_read(q_slot, fixed_, slots, cum_, 0.9, 0.25, 1.4)
+    except RuntimeError as e:
+        out["mismatch"].append(str(e).splitlines()[0])
+for fixed_, kv_, cum_ in ((None, kv, torch.rand(n, 3, 3)), (fixed_kv, kv[..., :40], torch.rand(n, 4, 5))):  # 3 heads; keys only
+    try:
+        fused_read.projected_token_read(q_heads, fixed_, kv_, cum_, 0.9, 0.3, 1.4)
     except RuntimeError as e:
         out["mismatch"].append(str(e).splitlines()[0])
 
@@ -331,61 +351,86 @@ def model(read, **knobs):
     return build_model(CWSConfig(**{**base, **knobs}))
 
 ids = torch.randint(0, 24, (3, 16), generator=torch.Generator().manual_seed(0))
+FUSED = ("fused", "fused_projected")
 for loop, halting in (("reference", False), ("compact", True)):
     settled = {}
-    for read in ("fused", "absorbed"):
+    for read in (*FUSED, "absorbed"):
         m = model(read).eval()
         with torch.no_grad():
             context = m.pool.token_clocked(m.embed(ids), None)
             settled[read] = settle(m.workspace, m.pool, context, k_max=12, k_min=1, halting=halting, rule="first",
                                    tol=0.3, live_steps=0, loop=loop)
-    f, a = settled["fused"], settled["absorbed"]
-    out["settle"][loop] = {"h": rel(f.h, a.h), "same_k": bool(torch.equal(f.k_used, a.k_used)),
-                           "k_values": len(a.k_used.unique())}
+    a = settled["absorbed"]
+    for read in FUSED:
+        f = settled[read]
+        out["settle"][f"{read} {loop}"] = {"h": rel(f.h, a.h), "same_k": bool(torch.equal(f.k_used, a.k_used)),
+                                           "k_values": len(a.k_used.unique())}
 # pools of one kind of expert: token-clocked slots only (the kernel then reads them as its one
 # group) and h-clocked only
 out["one_kind"] = []
 for experts, slots in ((("ssm",), (3,)), (("mlp", "siren"), (2, 1))):
     settled = {}
-    for read in ("fused", "absorbed"):
+    for read in (*FUSED, "absorbed"):
         m = model(read, experts=experts, slots=slots).eval()
         with torch.no_grad():
             context = m.pool.token_clocked(m.embed(ids), None)
             settled[read] = settle(m.workspace, m.pool, context, k_max=6, k_min=1, halting=False, rule="first",
                                    tol=0.3, live_steps=0, loop="reference")
-    out["one_kind"].append(rel(settled["fused"].h, settled["absorbed"].h))
+    out["one_kind"] += [rel(settled[read].h, settled["absorbed"].h) for read in FUSED]
 grads = {}
-for read in ("fused", "absorbed"):
+for read in (*FUSED, "absorbed"):
     m = model(read, k_max=6, halting=False, live_steps=2).train()
     loss = m(ids, targets=ids).loss
     loss.backward()
     grads[read] = (loss, {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-(loss, g), (ref_loss, ref_g) = grads["fused"], grads["absorbed"]
-out["train"] = {"loss": abs(loss.item() - ref_loss.item()) / ref_loss.item(),
-                "grads": max(rel(g[n], ref_g[n]) for n in ref_g), "same_names": sorted(g) == sorted(ref_g)}
+ref_loss, ref_g = grads["absorbed"]
+for read in FUSED:
+    loss, g = grads[read]
+    out["train"][read] = {"loss": abs(loss.item() - ref_loss.item()) / ref_loss.item(),
+                          "grads": max(rel(g[n], ref_g[n]) for n in ref_g), "same_names": sorted(g) == sorted(ref_g)}
+# the FLOP count of a training step that runs the projected kernel: torch's counter sees the
+# products (the keys and values among them); the kernel's per-head scores and sum, 4 S d per token
+# and no-grad iteration, are added by hand
+from torch.utils.flop_counter import FlopCounterMode
+from parallax.bench.flops import step_flops
+m = model("fused_projected", k_max=5, halting=False, live_steps=1).train()
+cfg = m.config
+with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    m(ids, targets=ids).loss.backward()
+kernel = (cfg.k_max - cfg.live_steps) * 4.0 * ids.numel() * sum(cfg.slots) * cfg.d_model
+out["flops"] = [step_flops("cws", cfg, *ids.shape).train, counter.get_total_flops() + kernel]
 print(json.dumps(out))
 """
 
 
 def test_fused_read_under_the_triton_interpreter(triton_interpreter):
-    """The kernel against ``absorbed_read_reference`` on random inputs (fp32 near 1e-6, fp16 below
-    1e-2); its custom op's fake outputs against the real ones (``torch.library.opcheck``) and its
-    error on shapes that disagree; and a model with ``read="fused"`` against one with the absorbed
-    read: the same settled states and K (halting off and on; also for pools of token-clocked or
-    h-clocked experts only), the same loss and gradients (the live steps with grad run the
-    PyTorch read, the others the kernel)."""
+    """Both kernels against their references on random inputs (fp32 near 1e-6, fp16 below 1e-2);
+    their custom ops' fake outputs against the real ones (``torch.library.opcheck``) and their
+    errors on shapes that disagree; and models with ``read="fused"`` and ``"fused_projected"``
+    against one with the absorbed read: the same settled states and K (halting off and on; also
+    for pools of token-clocked or h-clocked experts only), the same loss and gradients (the live
+    steps with grad run the PyTorch read, the others the kernel); and the FLOP count of the
+    projected kernel's training step against torch's counter."""
     out = triton_interpreter(FUSED_READ_CHECKS)
     for case, tol in zip(out["kernel"], (1e-5, 1e-5, 1e-5, 1e-2, 1e-2), strict=True):
         assert case["dtypes_kept"] and max(case["errors"]) < tol, case
-    assert out["empty"] == [[0, 8, 5], [0, 8, 5], [0, 8, 16]]  # no tokens (an emptied working set): no launch
+        assert case["projected_dtypes_kept"] and max(case["projected_errors"]) < tol, case
+        assert max(case["references"]) < 1e-5, case  # the absorbed read equals the projected one
+    assert max(out["projected_all_fixed"]) < 1e-2, out["projected_all_fixed"]
+    # no tokens (an emptied working set): no launch
+    assert out["empty"] == [[0, 8, 5], [0, 8, 5], [0, 8, 16]] * 2
     assert out["opcheck"] == "passed"
-    assert len(out["mismatch"]) == 2  # not out-of-bounds reads
-    assert all("must be (N, H, d), (N, S_f, d) or None, (N, S, d) and (N, H, S_f + S)" in e for e in out["mismatch"])
+    assert len(out["mismatch"]) == 4  # not out-of-bounds reads
+    assert all("must be (N, H, d), (N, S_f, d) or None, (N, S, d) and (N, H, S_f + S)" in e for e in out["mismatch"][:2])
+    assert all("must be (N, H, dh), (N, S_f, 2 H dh) or None, (N, S, 2 H dh)" in e for e in out["mismatch"][2:])
+    assert len(out["settle"]) == 4
     for loop, result in out["settle"].items():
         assert result["same_k"] and result["h"] < 1e-5, (loop, result)
-    assert out["settle"]["compact"]["k_values"] > 2  # halting at several K
-    assert len(out["one_kind"]) == 2 and max(out["one_kind"]) < 1e-5, out["one_kind"]
-    assert out["train"]["same_names"] and out["train"]["loss"] < 1e-5 and out["train"]["grads"] < 1e-4, out["train"]
+    assert out["settle"]["fused compact"]["k_values"] > 2  # halting at several K
+    assert len(out["one_kind"]) == 4 and max(out["one_kind"]) < 1e-5, out["one_kind"]
+    for read, train in out["train"].items():
+        assert train["same_names"] and train["loss"] < 1e-5 and train["grads"] < 1e-4, (read, train)
+    assert out["flops"][0] == pytest.approx(out["flops"][1], rel=0.02)
 
 
 def test_fused_read_falls_back_to_the_absorbed_read_where_it_cannot_run():
@@ -398,7 +443,7 @@ def test_fused_read_falls_back_to_the_absorbed_read_where_it_cannot_run():
 
 @cuda_only
 def test_fused_read_kernel_on_cuda_in_bf16():
-    """The compiled kernel on random bf16 inputs at the benchmark's shape (8 heads of 64, 6 slots,
+    """The compiled kernels on random bf16 inputs at the benchmark's shape (8 heads of 64, 6 slots,
     d 512), against the reference in fp32: raw, cum and the read within 1e-2."""
     torch.manual_seed(0)
     n, heads, head_dim, n_slots, dim = 1000, 8, 64, 6, 512
@@ -410,10 +455,15 @@ def test_fused_read_kernel_on_cuda_in_bf16():
     exact = fused_read.absorbed_read_reference(q.float(), slots.float(), cum, w_k, w_v, 0.9, 2.0)
     errors = [relative_error(a, b) for a, b in zip(fused, exact)]
     assert max(errors) < 1e-2, errors
+    w_kv = torch.cat([w_k.flatten(0, 1), w_v.flatten(0, 1)])  # the projected kernel, two slots' keys and values given
+    fixed_kv = fused_read.slot_keys_values(slots[:, :2], w_kv.bfloat16())
+    projected = fused_read.fused_projected_read(q, slots[:, 2:], cum, w_kv, 0.9, 2.0, fixed_kv=fixed_kv)
+    errors = [relative_error(a, b) for a, b in zip(projected, exact)]
+    assert max(errors) < 1e-2, errors
 
 
 def kernel_launches(run) -> tuple[int, object]:
-    """How many times the fused read's kernel ran on the GPU during ``run()`` (the profiler sees
+    """How many times a fused read's kernel ran on the GPU during ``run()`` (the profiler sees
     kernels inside CUDA graph replays too), and ``run()``'s result."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -426,7 +476,8 @@ def kernel_launches(run) -> tuple[int, object]:
 @cuda_only
 @pytest.mark.parametrize("d_model, heads", [(64, 4), (48, 3)])  # 6 slots; d 48 and 3 heads padded
 @pytest.mark.parametrize("compile_step, cuda_graph", [(False, False), (True, True)])
-def test_fused_read_on_cuda_in_bf16(d_model, heads, compile_step, cuda_graph, inductor):
+@pytest.mark.parametrize("read", ["fused", "fused_projected"])
+def test_fused_read_on_cuda_in_bf16(read, d_model, heads, compile_step, cuda_graph, inductor):
     """The kernel inside the settling loop under autocast, eager and inside torch.compile and CUDA
     graphs, is about as accurate as the absorbed read in bf16: against the absorbed read in fp32,
     the settled states' error is at most 1.5 times the bf16 absorbed read's. (After 12 iterations
@@ -441,7 +492,7 @@ def test_fused_read_on_cuda_in_bf16(d_model, heads, compile_step, cuda_graph, in
             return settle_with(model, ids, "reference", halting=False, **knobs)
 
     exact = settled("absorbed", bf16=False)
-    launches, fused = kernel_launches(lambda: settled("fused", True, compile_step=compile_step, cuda_graph=cuda_graph))
+    launches, fused = kernel_launches(lambda: settled(read, True, compile_step=compile_step, cuda_graph=cuda_graph))
     absorbed = settled("absorbed", bf16=True, compile_step=compile_step)
     assert launches >= 12  # each of the 12 no-grad iterations took the kernel, not the PyTorch fallback
     error = {name: relative_error(r.h, exact.h) for name, r in (("fused", fused), ("absorbed", absorbed))}
@@ -449,7 +500,8 @@ def test_fused_read_on_cuda_in_bf16(d_model, heads, compile_step, cuda_graph, in
 
 
 @cuda_only
-def test_fused_read_halts_in_bf16_as_the_absorbed_read_does():
+@pytest.mark.parametrize("read", ["fused", "fused_projected"])
+def test_fused_read_halts_in_bf16_as_the_absorbed_read_does(read):
     """Halting on, bf16, eager: as many tokens settle at the fp32 run's K with the fused read as
     with the absorbed read, within 1% (both round raw, which the monitor compares against the
     tolerance, to bf16; raw kept in fp32 settled 1-2% fewer there). Compiled, the gap was larger
@@ -463,14 +515,15 @@ def test_fused_read_halts_in_bf16_as_the_absorbed_read_does():
             return settle_with(model, ids, "compact", **knobs)
 
     exact = settled("absorbed", bf16=False)
-    agree = {read: (settled(read, True).k_used == exact.k_used).float().mean().item() for read in ("fused", "absorbed")}
-    assert agree["fused"] >= agree["absorbed"] - 0.01, agree
+    agree = {name: (settled(name, True).k_used == exact.k_used).float().mean().item() for name in (read, "absorbed")}
+    assert agree[read] >= agree["absorbed"] - 0.01, agree
 
 
 @cuda_only
 @pytest.mark.parametrize("d_model, heads", [(64, 4), (48, 3)])
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_fused_read_in_the_compiled_compact_loop_on_cuda(d_model, heads, cuda_graph, inductor, selects):
+@pytest.mark.parametrize("read", ["fused", "fused_projected"])
+def test_fused_read_in_the_compiled_compact_loop_on_cuda(read, d_model, heads, cuda_graph, inductor, selects):
     """Halting on, the compact loop compiled with dynamic shapes (and captured per working-set
     size): in fp32 the kernel's read equals the absorbed read's to rounding, so the same tokens
     settle at the same K with the same states. Checks the kernel inside inductor's graphs,
@@ -484,7 +537,7 @@ def test_fused_read_in_the_compiled_compact_loop_on_cuda(d_model, heads, cuda_gr
         model = tiny_model(d_model=d_model, n_heads=heads, read=read).eval().cuda()
         return settle_with(model, ids, "compact", compile_step=True, **knobs)
 
-    launches, fused = kernel_launches(lambda: settled("fused", cuda_graph=cuda_graph))
+    launches, fused = kernel_launches(lambda: settled(read, cuda_graph=cuda_graph))
     fused_shrinks = len(selects)
     absorbed = settled("absorbed")
     assert len(absorbed.k_used.unique()) > 2  # halting at several K

@@ -383,8 +383,12 @@ def test_cuda_graph_decoding_under_autocast_reads_weight_casts(name, monkeypatch
     assert decoded[True] == decoded[False]
 
 
+# the fused reads' kernels run on CUDA only (on CPU they fall back to the absorbed read)
+CUDA_STEP_MODELS = {**STEP_MODELS, "cws_fused_projected": lambda: cws(read="fused_projected")}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", list(STEP_MODELS))
+@pytest.mark.parametrize("name", list(CUDA_STEP_MODELS))
 def test_cuda_graph_decoding_equals_eager(name, monkeypatch):
     """Each token one graph replay, which never waits for the device, past the context the
     window path; greedy and seeded sampling: the tokens (and K) of eager decoding."""
@@ -401,7 +405,7 @@ def test_cuda_graph_decoding_equals_eager(name, monkeypatch):
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(generation, "GraphedStep", type("Counted", (GraphedStep,), {"__call__": replay}))
-    model = STEP_MODELS[name]().cuda()
+    model = CUDA_STEP_MODELS[name]().cuda()
     prompts = torch.tensor(PROMPTS, device="cuda")
     for knobs in (dict(temperature=0), dict(temperature=0.9, top_k=8, top_p=0.9, seed=3)):
         eager = generate_batch(model, prompts, 10, **knobs)  # 15 > context 12

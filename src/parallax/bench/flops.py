@@ -110,8 +110,8 @@ def _eam(cfg, batch: int, seq: int) -> StepFlops:
     return StepFlops(frozen * block, cfg.grad_tail * block + linear(n, d, cfg.vocab_size))
 
 
-def cws_iteration(cfg, batch: int, seq: int) -> float:
-    """One workspace iteration: the h-clocked experts, then the workspace read."""
+def cws_iteration(cfg, batch: int, seq: int, read: str) -> float:
+    """One workspace iteration reading the pool by ``read``: the h-clocked experts, then the read."""
     n, d = batch * seq, cfg.d_model
     total = 0.0
     for name, slots in zip(cfg.experts, cfg.slots):
@@ -124,12 +124,24 @@ def cws_iteration(cfg, batch: int, seq: int) -> float:
             h = cfg.siren_hidden
             total += linear(n, d, h) + linear(n, h, h) + linear(n, h, slots * d)
     n_slots = sum(cfg.slots)
-    if cfg.read in ("absorbed", "fused"):
+    if read in ("absorbed", "fused"):
         # q and o projections; W_k into the query and W_v after the read, once per token; raw
         # scores and the weighted sum, per head against the d-wide slots
         return total + 4 * linear(n, d, d) + 2 * 2.0 * n * cfg.n_heads * n_slots * d
-    # q and o projections of h; k and v of every slot; raw scores and the weighted read
-    return total + 2 * linear(n, d, d) + 2 * linear(n * n_slots, d, d) + 2 * 2.0 * n * n_slots * d
+    # q and o projections of h; k and v of every slot (for fused_projected, of the h-clocked
+    # ones: the token-clocked ones' are counted once per forward, ``cws_fixed_keys_values``); raw
+    # scores and the weighted read
+    projected = n_slots if read == "projected" else n_slots - _token_clocked_slots(cfg)
+    return total + 2 * linear(n, d, d) + 2 * linear(n * projected, d, d) + 2 * 2.0 * n * n_slots * d
+
+
+def _token_clocked_slots(cfg) -> int:
+    return sum(slots for name, slots in zip(cfg.experts, cfg.slots) if name == "ssm")
+
+
+def cws_fixed_keys_values(cfg, batch: int, seq: int) -> float:
+    """``read = "fused_projected"``: the token-clocked slots' keys and values, once per forward."""
+    return 2 * linear(batch * seq * _token_clocked_slots(cfg), cfg.d_model, cfg.d_model)
 
 
 def cws_token_clocked(cfg, batch: int, seq: int) -> float:
@@ -154,13 +166,17 @@ def _cws(cfg, batch: int, seq: int) -> StepFlops:
     from parallax.models.cws.decoder import DECODER_LAYERS
 
     n, d = batch * seq, cfg.d_model
-    iteration = cws_iteration(cfg, batch, seq)
     decoder = DECODER_LAYERS * transformer_block(batch, seq, d, cfg.decoder_heads, cfg.decoder_heads)
     live = min(cfg.live_steps, cfg.k_max)
     # with halting in training, a full no-grad pass runs before the live replay (upper bound: k_max)
     frozen = cfg.k_max if cfg.halting and cfg.halt_in_training else cfg.k_max - live
     outer = cws_token_clocked(cfg, batch, seq) + decoder + linear(n, d, cfg.vocab_size)
-    return StepFlops(frozen * iteration, outer + live * iteration)
+    # the fused reads run their kernels without gradient only; iterations with it read by "absorbed"
+    live_read = "absorbed" if cfg.read in ("fused", "fused_projected") else cfg.read
+    no_grad = frozen * cws_iteration(cfg, batch, seq, cfg.read)
+    if cfg.read == "fused_projected" and frozen:
+        no_grad += cws_fixed_keys_values(cfg, batch, seq)
+    return StepFlops(no_grad, outer + live * cws_iteration(cfg, batch, seq, live_read))
 
 
 COUNTERS: dict[str, Callable] = {

@@ -15,8 +15,17 @@ one token per program, all heads at once::
                                                                mixed
     read         = mixed @ W_v^T                  (per head, cuBLAS; (N, H, dh))
 
-Forward only: iterations with gradient use the PyTorch read. ``fused_read`` is the entry point;
-``absorbed_read_reference`` is the same computation in PyTorch, for tests. With
+``fused_projected_read`` (``CWSConfig.read = "fused_projected"``) does the same in head space, the
+pseudo-code's way: the slots' keys and values by one cuBLAS product, (N, S, d) x (d, 2 d), then one
+kernel, one token per program, for the per-head scores, the update and the weighted sum of the
+values. It does S d x 2 d more FLOPs per token than the product with W_v it replaces, and writes
+and reads (N, S, 2 d) keys and values instead of two (N, H, d) tensors: fewer bytes where S < H.
+Keys and values of slots that do not change between iterations (the workspace's token-clocked
+ones) are computed once (``slot_keys_values``) and read in place.
+
+Forward only: iterations with gradient use the PyTorch read. ``fused_read`` and
+``fused_projected_read`` are the entry points; ``absorbed_read_reference`` and
+``projected_read_reference`` are the same computations in PyTorch, for tests. With
 ``TRITON_INTERPRET=1`` set before this module is imported, Triton runs the kernel on CPU.
 """
 
@@ -40,6 +49,7 @@ except ImportError:  # the optional extra (pip install parallax[gpu]) is not ins
 # add cross-warp reductions of a tile this small); tuned at that shape only
 BLOCK_D = 512
 NUM_WARPS = 1
+PROJECTED_NUM_WARPS = 1  # the projected read's kernel too: 73 us per call against 126-143 with 2-8 warps
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for tests
 
@@ -88,6 +98,67 @@ def fused_read(
     )
     read = torch.einsum("nhd,hed->nhe", mixed, w_v.to(q.dtype))
     return raw, new_cum, read
+
+
+def projected_read_reference(
+    q: Tensor, slots: Tensor, cum: Tensor, w_k: Tensor, w_v: Tensor, decay: float, base: float,
+    fixed: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``absorbed_read_reference``'s inputs and outputs, computed as the pseudo-code writes it
+    (``Workspace._projected``): the keys and values of every slot, then per-head scores and sum."""
+    if fixed is not None:
+        slots = torch.cat([fixed, slots], dim=1)
+    heads, head_dim, _ = w_k.shape
+    k = (slots @ w_k.flatten(0, 1).T.to(slots.dtype)).unflatten(-1, (heads, head_dim))  # (N, S, H, dh)
+    v = (slots @ w_v.flatten(0, 1).T.to(slots.dtype)).unflatten(-1, (heads, head_dim))
+    raw = torch.einsum("nhe,nshe->nhs", q, k) / math.sqrt(head_dim)
+    cum = decay * cum + (1.0 - decay) + raw
+    weights = torch.log1p(F.silu(cum)) / math.log(base)
+    return raw, cum, torch.einsum("nhs,nshe->nhe", weights.to(v.dtype), v)
+
+
+def slot_keys_values(slots: Tensor, w_kv: Tensor) -> Tensor:
+    """The keys and values of slots (..., S, d) as one product: (..., S, 2 d), each row [K | V],
+    for ``w_kv`` (2 d, d) = W_k stacked on W_v (the layout ``fused_projected_read`` reads)."""
+    return F.linear(slots, w_kv)
+
+
+def fused_projected_read(
+    q: Tensor, slots: Tensor | None, cum: Tensor, w_kv: Tensor, decay: float, base: float,
+    fixed_kv: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``projected_read_reference`` as one product (the keys and values of ``slots``) and one
+    kernel launch. ``fixed_kv`` (N, S_f, 2 d), if given, are the keys and values of slots before
+    ``slots``, computed beforehand (``slot_keys_values``): the workspace's token-clocked slots,
+    whose keys and values do not change from one iteration to the next.
+    ``slots`` None: the ``fixed_kv`` are every slot's. Dtypes as ``fused_read``'s: cum' in
+    cum's, raw and read in q's."""
+    head_dim = q.shape[-1]
+    if slots is None:
+        kv, fixed_kv = fixed_kv, None
+    else:
+        kv = slot_keys_values(slots.to(q.dtype), w_kv.to(q.dtype))  # the product in q's dtype, as autocast's
+    return projected_token_read(q, fixed_kv, kv, cum, decay, 1.0 / math.sqrt(head_dim), 1.0 / math.log(base))
+
+
+def _projected_token_read_outputs(
+    q: Tensor, fixed_kv: Tensor | None, kv: Tensor, cum: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty (raw, cum', read) for the projected token read, once the shapes are checked."""
+    n, heads, head_dim = q.shape
+    n_fixed = 0 if fixed_kv is None else fixed_kv.shape[1]
+    width = 2 * heads * head_dim
+    torch._check(
+        kv.dim() == 3 and kv.shape[0] == n and kv.shape[2] == width
+        and (fixed_kv is None or (fixed_kv.dim() == 3 and fixed_kv.shape[0] == n and fixed_kv.shape[2] == width))
+        and tuple(cum.shape) == (n, heads, n_fixed + kv.shape[1]),
+        lambda: f"projected read: q {tuple(q.shape)}, fixed_kv "
+        f"{None if fixed_kv is None else tuple(fixed_kv.shape)}, kv {tuple(kv.shape)} and cum "
+        f"{tuple(cum.shape)} must be (N, H, dh), (N, S_f, 2 H dh) or None, (N, S, 2 H dh) and (N, H, S_f + S)",
+    )
+    raw = torch.empty(cum.shape, dtype=q.dtype, device=cum.device)
+    new_cum = torch.empty(cum.shape, dtype=cum.dtype, device=cum.device)
+    return raw, new_cum, torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def _token_read_outputs(
@@ -201,3 +272,76 @@ if triton is not None:
     @token_read.register_fake
     def _(q_slot, fixed, slots, cum, decay, scale, inv_ln_base):
         return _token_read_outputs(q_slot, fixed, slots, cum)
+
+    @triton.jit
+    def _token_kv(fixed_ptr, kv_ptr, token, s, h, e, s_ok, he_ok, FIXED: tl.constexpr, SLOTS: tl.constexpr,
+                  DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """The token's keys and values (SLOTS_P2, HEADS_P2, HEAD_DIM_P2) each, fp32: slots s < FIXED
+        from fixed_kv (N, FIXED, 2 d), the rest from kv (N, SLOTS - FIXED, 2 d); a row is [K | V]."""
+        own = s - FIXED
+        cols = (h[:, None] * HEAD_DIM + e[None, :])[None, :, :]
+        rows = ((token * (SLOTS - FIXED) + own) * 2 * DIM)[:, None, None]
+        mask = ((s_ok & (own >= 0))[:, None, None]) & he_ok[None, :, :]
+        k = tl.load(kv_ptr + rows + cols, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(kv_ptr + rows + DIM + cols, mask=mask, other=0.0).to(tl.float32)
+        if FIXED > 0:
+            fixed_rows = ((token * FIXED + s) * 2 * DIM)[:, None, None]
+            fixed_mask = (s < FIXED)[:, None, None] & he_ok[None, :, :]
+            k += tl.load(fixed_ptr + fixed_rows + cols, mask=fixed_mask, other=0.0).to(tl.float32)
+            v += tl.load(fixed_ptr + fixed_rows + DIM + cols, mask=fixed_mask, other=0.0).to(tl.float32)
+        return k, v
+
+    @triton.jit
+    def _projected_token_read_kernel(
+        q_ptr, fixed_ptr, kv_ptr, cum_ptr, raw_ptr, new_cum_ptr, read_ptr,  # q and read (N, H, dh) contiguous
+        DECAY: tl.constexpr, SCALE: tl.constexpr, INV_LN_BASE: tl.constexpr,
+        HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
+        FIXED: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr,
+    ):
+        token = tl.program_id(0).to(tl.int64)  # 64-bit offsets
+        DIM: tl.constexpr = HEADS * HEAD_DIM
+        s = tl.arange(0, SLOTS_P2)
+        h = tl.arange(0, HEADS_P2)
+        e = tl.arange(0, HEAD_DIM_P2)
+        s_ok = s < SLOTS
+        he_ok = (h < HEADS)[:, None] & (e < HEAD_DIM)[None, :]
+        he = token * DIM + h[:, None] * HEAD_DIM + e[None, :]  # (H, dh) into (N, H, dh)
+        q = tl.load(q_ptr + he, mask=he_ok, other=0.0).to(tl.float32)
+        k, v = _token_kv(fixed_ptr, kv_ptr, token, s, h, e, s_ok, he_ok, FIXED, SLOTS, DIM, HEAD_DIM)
+        raw = tl.sum(q[None, :, :] * k, axis=2) * SCALE  # (S, H)
+        sh_ok = s_ok[:, None] & (h < HEADS)[None, :]
+        sh = (token * HEADS + h[None, :]) * SLOTS + s[:, None]  # (S, H) into (N, H, S)
+        cum = tl.load(cum_ptr + sh, mask=sh_ok, other=0.0).to(tl.float32)
+        cum = DECAY * cum + (1.0 - DECAY) + raw
+        silu = cum / (1.0 + tl.exp(-cum))
+        weights = tl.where(sh_ok, tl.log(1.0 + silu) * INV_LN_BASE, 0.0)
+        tl.store(raw_ptr + sh, raw.to(raw_ptr.dtype.element_ty), mask=sh_ok)
+        tl.store(new_cum_ptr + sh, cum.to(new_cum_ptr.dtype.element_ty), mask=sh_ok)
+        weights = weights.to(read_ptr.dtype.element_ty).to(tl.float32)  # as autocast casts them
+        read = tl.sum(weights[:, :, None] * v, axis=0)  # (H, dh)
+        tl.store(read_ptr + he, read.to(read_ptr.dtype.element_ty), mask=he_ok)
+
+    @torch.library.custom_op("parallax::projected_read_tokens", mutates_args=())
+    def projected_token_read(
+        q: Tensor, fixed_kv: Tensor | None, kv: Tensor, cum: Tensor, decay: float, scale: float, inv_ln_base: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The projected read's per-token part: (raw, cum', read (N, H, dh)) from q (N, H, dh), the
+        slots' keys and values fixed_kv (N, S_f, 2 d) or None and kv (N, S, 2 d), and cum (N, H, S_f + S)."""
+        raw, new_cum, read = _projected_token_read_outputs(q, fixed_kv, kv, cum)
+        n, heads, head_dim = q.shape
+        n_slots = cum.shape[2]
+        q, kv, cum = q.contiguous(), kv.contiguous(), cum.contiguous()
+        fixed_kv = kv if fixed_kv is None else fixed_kv.contiguous()  # not read when there are none
+        if n:
+            _projected_token_read_kernel[(n,)](
+                q, fixed_kv, kv, cum, raw, new_cum, read,
+                DECAY=decay, SCALE=scale, INV_LN_BASE=inv_ln_base,
+                HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
+                HEAD_DIM_P2=triton.next_power_of_2(head_dim), FIXED=n_slots - kv.shape[1], SLOTS=n_slots,
+                SLOTS_P2=triton.next_power_of_2(n_slots), num_warps=PROJECTED_NUM_WARPS,
+            )
+        return raw, new_cum, read
+
+    @projected_token_read.register_fake
+    def _(q, fixed_kv, kv, cum, decay, scale, inv_ln_base):
+        return _projected_token_read_outputs(q, fixed_kv, kv, cum)

@@ -17,7 +17,7 @@ EXPERT_NAMES = ("ssm", "attention", "mlp", "siren")
 PROBE_KEY_SOURCES = ("ssm", "shift", "tokens")
 HALT_RULES = ("first", "second")
 LOOPS = ("compact", "reference")
-READS = ("absorbed", "projected", "fused")
+READS = ("absorbed", "projected", "fused", "fused_projected")
 MAX_DECODER_WINDOW = 16
 
 
@@ -61,7 +61,11 @@ class CWSConfig(ModelConfig):
     # sum, the same values for 2 instead of 2 S d x d products per token (the plain twin is
     # "projected"); "fused" is the absorbed read whose no-grad iterations run the per-token
     # products and the cum / weights update as one Triton kernel on CUDA (ops/fused_read.py;
-    # the PyTorch absorbed read where it cannot)
+    # the PyTorch absorbed read where it cannot); "fused_projected" is the projected read whose
+    # no-grad iterations compute the h-clocked slots' keys and values as one product and the rest
+    # as one Triton kernel, the token-clocked slots' keys and values once per forward (more FLOPs
+    # than the absorbed read, fewer bytes where there are fewer h-clocked slots than heads);
+    # iterations with gradient run the absorbed read for both fused reads
     read: str = "absorbed"
     # torch.compile the no-grad workspace iterations (the compact loop's whole iteration, monitor
     # included; its working set with dynamic shapes)

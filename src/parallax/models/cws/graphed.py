@@ -186,7 +186,7 @@ def _fixed_key(workspace, pool: ExpertPool, step_name: str, casts: CastWeights |
 
 
 def _context_key(context: TokenContext, tensors: list[Tensor]) -> tuple:
-    return (context.grid, tuple(context.fixed), context.grounding is None,
+    return (context.grid, tuple(context.fixed), context.grounding is None, context.fixed_kv is None,
             tuple((t.shape, t.dtype, t.device) for t in tensors))
 
 
@@ -272,7 +272,7 @@ class GraphedIterations(Iterations):
 
 
 def _context_tensors(context: TokenContext) -> list[Tensor]:
-    per_token = [context.observation, *context.fixed.values(), context.grounding, context.rows]
+    per_token = [context.observation, *context.fixed.values(), context.fixed_kv, context.grounding, context.rows]
     return [x for x in per_token + _per_sequence(context) if x is not None]
 
 
@@ -288,6 +288,7 @@ def _clone_context(context: TokenContext, per_sequence: bool = True) -> TokenCon
         observation=context.observation.clone(),
         grounding=None if context.grounding is None else context.grounding.clone(),
         fixed={name: x.clone() for name, x in context.fixed.items()},
+        fixed_kv=None if context.fixed_kv is None else context.fixed_kv.clone(),
         probe_kv=None if context.probe_kv is None else tuple(copy(x) for x in context.probe_kv),
         probe_start=None if context.probe_start is None else copy(context.probe_start),
         rows=None if context.rows is None else context.rows.clone(),
@@ -369,8 +370,8 @@ class _CapturedIteration:
             return self.states
         for buffer, x in zip(self.states, states):
             torch.index_select(x, 0, rows, out=buffer[0])
-        per_token = [context.observation, context.grounding, *context.fixed.values()]
-        into = [self.context.observation, self.context.grounding, *self.context.fixed.values()]
+        per_token = [context.observation, context.grounding, context.fixed_kv, *context.fixed.values()]
+        into = [self.context.observation, self.context.grounding, self.context.fixed_kv, *self.context.fixed.values()]
         for buffer, x in zip(into, per_token):
             if x is not None:
                 torch.index_select(x.flatten(0, 1), 0, rows, out=buffer[0])

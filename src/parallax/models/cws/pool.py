@@ -31,7 +31,9 @@ class TokenContext:
     ``probe_kv`` the attention probe's keys and values (B, S, L, dh) for L = start + T, or with
     a static cache (for CUDA graphs in incremental decoding) its whole buffers (L = max_len), with
     ``probe_start`` the first token's position as a 0-dim device tensor (see ``AttentionProbe``);
-    ``grounding`` (B, T, d) what the h-clocked experts add to h_eff (``CWSConfig.ground``).
+    ``grounding`` (B, T, d) what the h-clocked experts add to h_eff (``CWSConfig.ground``);
+    ``fixed_kv`` (B, T, S_f, 2 d) the workspace's keys and values of the ``fixed`` slots, for the
+    read that projects them (``Workspace.prepare``).
 
     ``select`` gives the context of a subset of the tokens (the compact loop's working set):
     per-token tensors become (1, N, ...) rows, ``rows`` (N,) holds their flat indices into
@@ -41,6 +43,7 @@ class TokenContext:
     observation: Tensor
     grounding: Tensor | None = None
     fixed: dict[str, Tensor] = field(default_factory=dict)
+    fixed_kv: Tensor | None = None
     probe_kv: tuple[Tensor, Tensor] | None = None
     probe_start: Tensor | None = None
     rows: Tensor | None = None
@@ -56,6 +59,7 @@ class TokenContext:
             observation=pick(self.observation),
             grounding=None if self.grounding is None else pick(self.grounding),
             fixed={name: pick(x) for name, x in self.fixed.items()},
+            fixed_kv=None if self.fixed_kv is None else pick(self.fixed_kv),
             probe_kv=self.probe_kv,
             probe_start=self.probe_start,
             rows=rows,

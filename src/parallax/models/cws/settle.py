@@ -67,6 +67,7 @@ def settle(
     cuda_graph: bool = False,
 ) -> Settled:
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
+    workspace.prepare(context)
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
     b, t, _ = h.shape
     # a step of a CUDA graph (a whole decoding step, ``graph_step.py``) must not wait for the

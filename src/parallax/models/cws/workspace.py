@@ -16,6 +16,9 @@ it, with cum and the weights, as one Triton kernel when there is no gradient): 2
 (the query in slot space and the per-head weighted sum) where the projected read writes the
 (B, T, S, d) keys and values, so it moves fewer bytes only when there are fewer heads than
 slots, and its scores cost 2 H S d per token instead of 2 S d (BENCHMARKS.md has both).
+``"fused_projected"`` goes the other way when there is no gradient: the projected read, the
+token-clocked slots' keys and values computed once per forward (``prepare``), the h-clocked
+ones' as one product per iteration and the rest as one Triton kernel in head space.
 
 Shapes: h (B, T, d); cum and raw (B, T, H, S). Nothing here knows a slot's index or a
 token's position, so the workspace is permutation-invariant over slots; order enters only
@@ -46,6 +49,8 @@ from parallax.models.cws.pool import ExpertPool, TokenContext
 from parallax.models.layers import RMSNorm
 from parallax.ops import fused_read
 
+FUSED_READS = ("fused", "fused_projected")  # reads whose no-grad iterations run a Triton kernel
+
 
 class Workspace(nn.Module):
     def __init__(self, cfg: CWSConfig):
@@ -72,13 +77,16 @@ class Workspace(nn.Module):
         h_eff = self.h_norm(h)
         token_clocked, h_clocked = pool.slot_groups(h_eff, context)  # (B, T, S_i, d) each, or None
         q = self.q_proj(h_eff).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, dh)
-        if self.config.read == "fused" and not torch.is_grad_enabled() and fused_read.usable(q):
-            return self._fused(q, token_clocked, h_clocked, cum)
+        read = self.config.read
+        if read in FUSED_READS and not torch.is_grad_enabled() and fused_read.usable(q):
+            if read == "fused":
+                return self._fused(q, token_clocked, h_clocked, cum)
+            return self._fused_projected(q, token_clocked, h_clocked, cum, context.fixed_kv)
         slots = torch.cat([group for group in (token_clocked, h_clocked) if group is not None], dim=2)  # (B, T, S, d)
-        if self.config.read in ("absorbed", "fused"):
-            raw, read_of = self._absorbed(q, slots)
-        else:
+        if read == "projected":
             raw, read_of = self._projected(q, slots)
+        else:
+            raw, read_of = self._absorbed(q, slots)
         cum = self.decay * cum + (1.0 - self.decay) + raw
         weights = torch.log1p(F.silu(cum)) / math.log(self.base)
         return self.o_proj(read_of(weights).flatten(-2)), cum, raw
@@ -96,6 +104,35 @@ class Workspace(nn.Module):
         raw, cum, read = fused_read.fused_read(
             q.flatten(0, -3), h_clocked.flatten(0, -3), cum.flatten(0, -3), w_k, w_v, self.decay, self.base,
             fixed=None if token_clocked is None else token_clocked.flatten(0, -3),
+        )
+        return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
+
+    def prepare(self, context: TokenContext) -> None:
+        """Fill in what a forward's iterations read and do not change: for ``read =
+        "fused_projected"``, the keys and values of the token-clocked slots (``context.fixed_kv``),
+        without gradient (only the no-grad iterations read them)."""
+        if self.config.read != "fused_projected" or not context.fixed or not fused_read.usable(context.observation):
+            return
+        with torch.no_grad():
+            fixed = torch.cat(list(context.fixed.values()), dim=2)
+            context.fixed_kv = fused_read.slot_keys_values(fixed, self._keys_values_weight().to(fixed.dtype))
+
+    def _keys_values_weight(self) -> Tensor:
+        """W_k stacked on W_v, (2 d, d): the keys and values of a slot in one product."""
+        return torch.cat([self.k_proj.weight, self.v_proj.weight])
+
+    def _fused_projected(
+        self, q: Tensor, token_clocked: Tensor | None, h_clocked: Tensor | None, cum: Tensor, fixed_kv: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The projected read as one product (the h-clocked slots' keys and values) and one Triton
+        kernel (no gradient), the token-clocked slots' keys and values from ``prepare``."""
+        w_kv = self._keys_values_weight()
+        if token_clocked is not None and fixed_kv is None:  # a step outside ``settle``: not prepared
+            fixed_kv = fused_read.slot_keys_values(token_clocked, w_kv.to(q.dtype))
+        lead = q.shape[:-2]
+        raw, cum, read = fused_read.fused_projected_read(
+            q.flatten(0, -3), None if h_clocked is None else h_clocked.flatten(0, -3), cum.flatten(0, -3), w_kv,
+            self.decay, self.base, fixed_kv=None if fixed_kv is None else fixed_kv.flatten(0, -3),
         )
         return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
 
