@@ -433,10 +433,11 @@ def test_fused_read_under_the_triton_interpreter(triton_interpreter):
     assert out["flops"][0] == pytest.approx(out["flops"][1], rel=0.02)
 
 
-def test_fused_read_falls_back_to_the_absorbed_read_where_it_cannot_run():
+@pytest.mark.parametrize("read", ["fused", "fused_projected"])
+def test_fused_read_falls_back_to_the_absorbed_read_where_it_cannot_run(read):
     """On CPU without Triton's interpreter the PyTorch absorbed read runs: the same numbers."""
     ids = tokens()
-    fused = settle_with(tiny_model(d_model=32, read="fused").eval(), ids, "compact")
+    fused = settle_with(tiny_model(d_model=32, read=read).eval(), ids, "compact")
     absorbed = settle_with(tiny_model(d_model=32, read="absorbed").eval(), ids, "compact")
     assert torch.equal(fused.h, absorbed.h) and torch.equal(fused.k_used, absorbed.k_used)
 

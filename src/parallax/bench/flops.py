@@ -163,6 +163,7 @@ def cws_token_clocked(cfg, batch: int, seq: int) -> float:
 
 
 def _cws(cfg, batch: int, seq: int) -> StepFlops:
+    from parallax.models.cws.config import FUSED_READS
     from parallax.models.cws.decoder import DECODER_LAYERS
 
     n, d = batch * seq, cfg.d_model
@@ -171,8 +172,7 @@ def _cws(cfg, batch: int, seq: int) -> StepFlops:
     # with halting in training, a full no-grad pass runs before the live replay (upper bound: k_max)
     frozen = cfg.k_max if cfg.halting and cfg.halt_in_training else cfg.k_max - live
     outer = cws_token_clocked(cfg, batch, seq) + decoder + linear(n, d, cfg.vocab_size)
-    # the fused reads run their kernels without gradient only; iterations with it read by "absorbed"
-    live_read = "absorbed" if cfg.read in ("fused", "fused_projected") else cfg.read
+    live_read = "absorbed" if cfg.read in FUSED_READS else cfg.read  # the fused reads' kernels: no-grad only
     no_grad = frozen * cws_iteration(cfg, batch, seq, cfg.read)
     if cfg.read == "fused_projected" and frozen:
         no_grad += cws_fixed_keys_values(cfg, batch, seq)

@@ -18,6 +18,7 @@ PROBE_KEY_SOURCES = ("ssm", "shift", "tokens")
 HALT_RULES = ("first", "second")
 LOOPS = ("compact", "reference")
 READS = ("absorbed", "projected", "fused", "fused_projected")
+FUSED_READS = ("fused", "fused_projected")  # no-grad iterations by a Triton kernel; with gradient, "absorbed"
 MAX_DECODER_WINDOW = 16
 
 

@@ -44,12 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallax.models.cws.config import CWSConfig
+from parallax.models.cws.config import FUSED_READS, CWSConfig
 from parallax.models.cws.pool import ExpertPool, TokenContext
 from parallax.models.layers import RMSNorm
 from parallax.ops import fused_read
-
-FUSED_READS = ("fused", "fused_projected")  # reads whose no-grad iterations run a Triton kernel
 
 
 class Workspace(nn.Module):
@@ -105,6 +103,10 @@ class Workspace(nn.Module):
             q.flatten(0, -3), h_clocked.flatten(0, -3), cum.flatten(0, -3), w_k, w_v, self.decay, self.base,
             fixed=None if token_clocked is None else token_clocked.flatten(0, -3),
         )
+        return self._unflattened(lead, raw, cum, read)
+
+    def _unflattened(self, lead, raw: Tensor, cum: Tensor, read: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A fused read's (N, ...) outputs as ``step``'s: (h_next, cum', raw) over the ``lead`` dims."""
         return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
 
     def prepare(self, context: TokenContext) -> None:
@@ -134,7 +136,7 @@ class Workspace(nn.Module):
             q.flatten(0, -3), None if h_clocked is None else h_clocked.flatten(0, -3), cum.flatten(0, -3), w_kv,
             self.decay, self.base, fixed_kv=None if fixed_kv is None else fixed_kv.flatten(0, -3),
         )
-        return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
+        return self._unflattened(lead, raw, cum, read)
 
     def _projected(self, q: Tensor, slots: Tensor):
         """The pseudo-code as written: K and V of every slot, (B, T, S, H, dh) each."""
