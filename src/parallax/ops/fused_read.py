@@ -18,8 +18,9 @@ one token per program, all heads at once::
 ``fused_projected_read`` (``CWSConfig.read = "fused_projected"``) does the same in head space, the
 pseudo-code's way: the slots' keys and values by one cuBLAS product, (N, S, d) x (d, 2 d), then one
 kernel, one token per program, for the per-head scores, the update and the weighted sum of the
-values. It does S d x 2 d more FLOPs per token than the product with W_v it replaces, and writes
-and reads (N, S, 2 d) keys and values instead of two (N, H, d) tensors: fewer bytes where S < H.
+values. Its product costs 4 S d^2 FLOPs per token where the absorbed read's two with W_k and W_v
+cost 4 d^2, but it writes and reads the (N, S, 2 d) keys and values instead of two (N, H, d)
+tensors: fewer bytes where S < H.
 Keys and values of slots that do not change between iterations (the workspace's token-clocked
 ones) are computed once (``slot_keys_values``) and read in place.
 
@@ -49,7 +50,9 @@ except ImportError:  # the optional extra (pip install parallax[gpu]) is not ins
 # add cross-warp reductions of a tile this small); tuned at that shape only
 BLOCK_D = 512
 NUM_WARPS = 1
-PROJECTED_NUM_WARPS = 1  # the projected read's kernel too: 73 us per call against 126-143 with 2-8 warps
+# the projected read's kernel: one warp per 4096 elements of a token's (S, H, dh) keys, so one at
+# that shape (73 us per call against 126-143 with 2-8 warps); more for larger tiles, untuned
+PROJECTED_ELEMENTS_PER_WARP = 4096
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for tests
 
@@ -338,9 +341,13 @@ if triton is not None:
                 DECAY=decay, SCALE=scale, INV_LN_BASE=inv_ln_base,
                 HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
                 HEAD_DIM_P2=triton.next_power_of_2(head_dim), FIXED=n_slots - kv.shape[1], SLOTS=n_slots,
-                SLOTS_P2=triton.next_power_of_2(n_slots), num_warps=PROJECTED_NUM_WARPS,
+                SLOTS_P2=triton.next_power_of_2(n_slots), num_warps=_projected_warps(n_slots, heads, head_dim),
             )
         return raw, new_cum, read
+
+    def _projected_warps(n_slots: int, heads: int, head_dim: int) -> int:
+        tile = triton.next_power_of_2(n_slots) * triton.next_power_of_2(heads) * triton.next_power_of_2(head_dim)
+        return min(8, max(1, tile // PROJECTED_ELEMENTS_PER_WARP))
 
     @projected_token_read.register_fake
     def _(q, fixed_kv, kv, cum, decay, scale, inv_ln_base):
