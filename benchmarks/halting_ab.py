@@ -8,11 +8,14 @@ the compact loop at each tolerance, both compiled with CUDA graphs (the fast pat
 
     PYTHONPATH=old/src python benchmarks/halting_ab.py old old1.json 0.2 0.5 1.0   # CUDA only
     PYTHONPATH=src python benchmarks/halting_ab.py new new1.json 0.2 0.5 1.0
+
+``--set cws.KEY=VALUE`` (repeatable) changes the model as ``bench halting --set`` does, e.g.
+``--set cws.read=fused_projected``.
 """
 
+import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
@@ -22,9 +25,9 @@ from parallax.bench.throughput import ThroughputConfig, time_calls
 from parallax.models.cws import compact, graphed
 
 
-def main(label: str, out: str, *tolerances: float) -> None:
+def main(label: str, out: str, tolerances: list[float], overrides: tuple[str, ...] = ()) -> None:
     device = torch.device("cuda")
-    model, ids = model_and_tokens(ThroughputConfig(), device)
+    model, ids = model_and_tokens(ThroughputConfig(overrides=overrides), device)
     k_max = model.config.k_max
     rows = []
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -42,8 +45,15 @@ def main(label: str, out: str, *tolerances: float) -> None:
                   f"work={rows[-1]['work']:.3f}", flush=True)
     with open(out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, label=label,
-                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows), f, indent=1)
+                       overrides=list(overrides), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *map(float, sys.argv[3:]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("label")
+    parser.add_argument("out")
+    parser.add_argument("tolerances", type=float, nargs="+")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="cws.KEY=VALUE")
+    args = parser.parse_args()
+    main(args.label, args.out, args.tolerances, tuple(args.overrides))
