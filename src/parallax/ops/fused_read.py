@@ -148,19 +148,10 @@ def _projected_token_read_outputs(
     q: Tensor, fixed_kv: Tensor | None, kv: Tensor, cum: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Empty (raw, cum', read) for the projected token read, once the shapes are checked."""
-    n, heads, head_dim = q.shape
-    n_fixed = 0 if fixed_kv is None else fixed_kv.shape[1]
-    width = 2 * heads * head_dim
-    torch._check(
-        kv.dim() == 3 and kv.shape[0] == n and kv.shape[2] == width
-        and (fixed_kv is None or (fixed_kv.dim() == 3 and fixed_kv.shape[0] == n and fixed_kv.shape[2] == width))
-        and tuple(cum.shape) == (n, heads, n_fixed + kv.shape[1]),
-        lambda: f"projected read: q {tuple(q.shape)}, fixed_kv "
-        f"{None if fixed_kv is None else tuple(fixed_kv.shape)}, kv {tuple(kv.shape)} and cum "
-        f"{tuple(cum.shape)} must be (N, H, dh), (N, S_f, 2 H dh) or None, (N, S, 2 H dh) and (N, H, S_f + S)",
+    raw, new_cum = _checked_score_outputs(
+        "projected read", ("q", q), ("fixed_kv", fixed_kv), ("kv", kv), cum, 2 * q.shape[1] * q.shape[2],
+        "(N, H, dh), (N, S_f, 2 H dh) or None, (N, S, 2 H dh)",
     )
-    raw = torch.empty(cum.shape, dtype=q.dtype, device=cum.device)
-    new_cum = torch.empty(cum.shape, dtype=cum.dtype, device=cum.device)
     return raw, new_cum, torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -169,20 +160,30 @@ def _token_read_outputs(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Empty (raw, cum', mixed) for the token read, once the shapes are checked: raw in q_slot's
     dtype, cum' in cum's, mixed head-major (for the per-head product that reads it)."""
-    n, heads, dim = q_slot.shape
-    n_fixed = 0 if fixed is None else fixed.shape[1]
-    torch._check(
-        slots.dim() == 3 and slots.shape[0] == n and slots.shape[2] == dim
-        and (fixed is None or (fixed.dim() == 3 and fixed.shape[0] == n and fixed.shape[2] == dim))
-        and tuple(cum.shape) == (n, heads, n_fixed + slots.shape[1]),
-        lambda: f"fused read: q_slot {tuple(q_slot.shape)}, fixed "
-        f"{None if fixed is None else tuple(fixed.shape)}, slots {tuple(slots.shape)} and cum "
-        f"{tuple(cum.shape)} must be (N, H, d), (N, S_f, d) or None, (N, S, d) and (N, H, S_f + S)",
+    raw, new_cum = _checked_score_outputs(
+        "fused read", ("q_slot", q_slot), ("fixed", fixed), ("slots", slots), cum, q_slot.shape[2],
+        "(N, H, d), (N, S_f, d) or None, (N, S, d)",
     )
-    raw = torch.empty(cum.shape, dtype=q_slot.dtype, device=cum.device)
-    new_cum = torch.empty(cum.shape, dtype=cum.dtype, device=cum.device)
+    n, heads, dim = q_slot.shape
     mixed = torch.empty(heads, n, dim, dtype=q_slot.dtype, device=q_slot.device).transpose(0, 1)
     return raw, new_cum, mixed
+
+
+def _checked_score_outputs(read: str, query, fixed, slots, cum: Tensor, width: int, shapes: str) -> tuple[Tensor, Tensor]:
+    """Empty raw (in the query's dtype) and cum' (in cum's), (N, H, S_f + S), once the named
+    ``query`` (N, H, ...), ``fixed`` (N, S_f, width) or None and ``slots`` (N, S, width) are checked
+    against cum: a one-line error naming every shape, not an out-of-bounds read."""
+    (q_name, q), (f_name, f), (s_name, sl) = query, fixed, slots
+    n, heads = q.shape[:2]
+    n_fixed = 0 if f is None else f.shape[1]
+    torch._check(
+        sl.dim() == 3 and sl.shape[0] == n and sl.shape[2] == width
+        and (f is None or (f.dim() == 3 and f.shape[0] == n and f.shape[2] == width))
+        and tuple(cum.shape) == (n, heads, n_fixed + sl.shape[1]),
+        lambda: f"{read}: {q_name} {tuple(q.shape)}, {f_name} {None if f is None else tuple(f.shape)}, "
+        f"{s_name} {tuple(sl.shape)} and cum {tuple(cum.shape)} must be {shapes} and (N, H, S_f + S)",
+    )
+    return torch.empty(cum.shape, dtype=q.dtype, device=cum.device), torch.empty(cum.shape, dtype=cum.dtype, device=cum.device)
 
 
 if triton is not None:
@@ -201,6 +202,20 @@ if triton is not None:
             sl += tl.load(fixed_ptr + fixed_rows[:, None] + d[None, :], mask=(s < FIXED)[:, None] & d_ok[None, :],
                           other=0.0).to(tl.float32)
         return sl
+
+    @triton.jit
+    def _update(raw, cum_ptr, raw_ptr, new_cum_ptr, out_ptr, at, ok, DECAY: tl.constexpr, INV_LN_BASE: tl.constexpr):
+        """The workspace's update over one token's (heads, slots) tile of raw scores (fp32), at
+        offsets ``at`` into the (N, H, S) tensors: stores raw and cum' = decay cum + (1 - decay) +
+        raw, and returns the weights log1p(silu(cum')) / ln(base), zero where not ``ok``, rounded
+        to ``out_ptr``'s dtype (the weighted sum's, as autocast casts them) and back to fp32."""
+        cum = tl.load(cum_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        cum = DECAY * cum + (1.0 - DECAY) + raw
+        silu = cum / (1.0 + tl.exp(-cum))
+        weights = tl.where(ok, tl.log(1.0 + silu) * INV_LN_BASE, 0.0)
+        tl.store(raw_ptr + at, raw.to(raw_ptr.dtype.element_ty), mask=ok)
+        tl.store(new_cum_ptr + at, cum.to(new_cum_ptr.dtype.element_ty), mask=ok)
+        return weights.to(out_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def _token_read_kernel(
@@ -228,14 +243,7 @@ if triton is not None:
             scores += tl.sum(qs.to(tl.float32)[:, None, :] * sl[None, :, :], axis=2)
         hs_ok = h_ok[:, None] & s_ok[None, :]
         hs = (token * HEADS + h[:, None]) * SLOTS + s[None, :]  # (H, S) into (N, H, S)
-        raw = scores * SCALE
-        cum = tl.load(cum_ptr + hs, mask=hs_ok, other=0.0).to(tl.float32)
-        cum = DECAY * cum + (1.0 - DECAY) + raw
-        silu = cum / (1.0 + tl.exp(-cum))
-        weights = tl.where(hs_ok, tl.log(1.0 + silu) * INV_LN_BASE, 0.0)
-        tl.store(raw_ptr + hs, raw.to(raw_ptr.dtype.element_ty), mask=hs_ok)
-        tl.store(new_cum_ptr + hs, cum.to(new_cum_ptr.dtype.element_ty), mask=hs_ok)
-        weights = weights.to(mixed_ptr.dtype.element_ty).to(tl.float32)  # as autocast casts them
+        weights = _update(scores * SCALE, cum_ptr, raw_ptr, new_cum_ptr, mixed_ptr, hs, hs_ok, DECAY, INV_LN_BASE)
         for d0 in range(0, DIM, BLOCK_D):
             d = d0 + dd
             d_ok = d < DIM
@@ -314,13 +322,7 @@ if triton is not None:
         raw = tl.sum(q[None, :, :] * k, axis=2) * SCALE  # (S, H)
         sh_ok = s_ok[:, None] & (h < HEADS)[None, :]
         sh = (token * HEADS + h[None, :]) * SLOTS + s[:, None]  # (S, H) into (N, H, S)
-        cum = tl.load(cum_ptr + sh, mask=sh_ok, other=0.0).to(tl.float32)
-        cum = DECAY * cum + (1.0 - DECAY) + raw
-        silu = cum / (1.0 + tl.exp(-cum))
-        weights = tl.where(sh_ok, tl.log(1.0 + silu) * INV_LN_BASE, 0.0)
-        tl.store(raw_ptr + sh, raw.to(raw_ptr.dtype.element_ty), mask=sh_ok)
-        tl.store(new_cum_ptr + sh, cum.to(new_cum_ptr.dtype.element_ty), mask=sh_ok)
-        weights = weights.to(read_ptr.dtype.element_ty).to(tl.float32)  # as autocast casts them
+        weights = _update(raw, cum_ptr, raw_ptr, new_cum_ptr, read_ptr, sh, sh_ok, DECAY, INV_LN_BASE)
         read = tl.sum(weights[:, :, None] * v, axis=0)  # (H, dh)
         tl.store(read_ptr + he, read.to(read_ptr.dtype.element_ty), mask=he_ok)
 
