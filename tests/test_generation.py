@@ -384,7 +384,11 @@ def test_cuda_graph_decoding_under_autocast_reads_weight_casts(name, monkeypatch
 
 
 # the fused reads' kernels run on CUDA only (on CPU they fall back to the absorbed read)
-CUDA_STEP_MODELS = {**STEP_MODELS, "cws_fused_projected": lambda: cws(read="fused_projected")}
+CUDA_STEP_MODELS = {
+    **STEP_MODELS,
+    "cws_fused_projected": lambda: cws(read="fused_projected"),
+    "cws_fused_projected_iteration_graphs": lambda: cws(read="fused_projected", cuda_graph=True),
+}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

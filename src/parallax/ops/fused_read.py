@@ -51,7 +51,9 @@ except ImportError:  # the optional extra (pip install parallax[gpu]) is not ins
 BLOCK_D = 512
 NUM_WARPS = 1
 # the projected read's kernel: one warp per 4096 elements of a token's (S, H, dh) keys, so one at
-# that shape (73 us per call against 126-143 with 2-8 warps); more for larger tiles, untuned
+# that shape (73 us per call against 126-143 with 2-8 warps); more for larger tiles, untuned. A
+# program holds a token's whole tile, so past 8 warps' worth (32768 elements, e.g. d 4096 with more
+# than 8 slots) each thread holds more than at the tuned shape; only d 512 has been timed
 PROJECTED_ELEMENTS_PER_WARP = 4096
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for tests

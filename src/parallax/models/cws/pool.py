@@ -49,6 +49,14 @@ class TokenContext:
     rows: Tensor | None = None
     grid: tuple[int, int] | None = None
 
+    def with_fixed_kv(self, fixed_kv: Tensor) -> "TokenContext":
+        """This context with ``fixed_kv`` filled in, as a new object (CUDA graphs copy a context
+        into their buffers when a different one comes)."""
+        return TokenContext(
+            observation=self.observation, grounding=self.grounding, fixed=self.fixed, fixed_kv=fixed_kv,
+            probe_kv=self.probe_kv, probe_start=self.probe_start, rows=self.rows, grid=self.grid,
+        )
+
     def select(self, rows: Tensor) -> "TokenContext":
         """The context of the tokens at flat indices ``rows`` (N,) of this full context."""
 

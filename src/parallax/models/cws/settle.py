@@ -67,7 +67,9 @@ def settle(
     cuda_graph: bool = False,
 ) -> Settled:
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
-    workspace.prepare(context)
+    live = min(live_steps, k_max)
+    if halting or live < k_max or not torch.is_grad_enabled():  # iterations without gradient will run
+        context = workspace.prepare(context)
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
     b, t, _ = h.shape
     # a step of a CUDA graph (a whole decoding step, ``graph_step.py``) must not wait for the
@@ -85,7 +87,6 @@ def settle(
     else:
         monitor = HaltMonitor(b, t, **settings)
     name = "compiled" if compile_step else "eager"
-    live = min(live_steps, k_max)
     if compact:
         if graphs:  # each iteration one replay, the working set padded to a few sizes
             iterations = graphed.GraphedIterations(workspace, pool, monitor, compile_step)

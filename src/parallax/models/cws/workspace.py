@@ -109,15 +109,15 @@ class Workspace(nn.Module):
         """A fused read's (N, ...) outputs as ``step``'s: (h_next, cum', raw) over the ``lead`` dims."""
         return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
 
-    def prepare(self, context: TokenContext) -> None:
-        """Fill in what a forward's iterations read and do not change: for ``read =
-        "fused_projected"``, the keys and values of the token-clocked slots (``context.fixed_kv``),
-        without gradient (only the no-grad iterations read them)."""
+    def prepare(self, context: TokenContext) -> TokenContext:
+        """``context`` with what a forward's no-grad iterations read and do not change: for ``read
+        = "fused_projected"``, the keys and values of the token-clocked slots (``fixed_kv``),
+        computed without gradient (only the no-grad iterations read them)."""
         if self.config.read != "fused_projected" or not context.fixed or not fused_read.usable(context.observation):
-            return
+            return context
         with torch.no_grad():
             fixed = torch.cat(list(context.fixed.values()), dim=2)
-            context.fixed_kv = fused_read.slot_keys_values(fixed, self._keys_values_weight().to(fixed.dtype))
+            return context.with_fixed_kv(fused_read.slot_keys_values(fixed, self._keys_values_weight().to(fixed.dtype)))
 
     def _keys_values_weight(self) -> Tensor:
         """W_k stacked on W_v, (2 d, d): the keys and values of a slot in one product."""
@@ -128,9 +128,12 @@ class Workspace(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The projected read as one product (the h-clocked slots' keys and values) and one Triton
         kernel (no gradient), the token-clocked slots' keys and values from ``prepare``."""
+        if token_clocked is not None and fixed_kv is None:  # not a silent slow path: a context lost them
+            raise RuntimeError(
+                "read='fused_projected' without the token-clocked slots' keys and values: settle a context "
+                "from Workspace.prepare (it computes them once per forward)"
+            )
         w_kv = self._keys_values_weight()
-        if token_clocked is not None and fixed_kv is None:  # a step outside ``settle``: not prepared
-            fixed_kv = fused_read.slot_keys_values(token_clocked, w_kv.to(q.dtype))
         lead = q.shape[:-2]
         raw, cum, read = fused_read.fused_projected_read(
             q.flatten(0, -3), None if h_clocked is None else h_clocked.flatten(0, -3), cum.flatten(0, -3), w_kv,
