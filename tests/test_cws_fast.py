@@ -187,6 +187,38 @@ def test_compact_loop_equals_reference_in_training_with_halting(live_steps, comp
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def parameter_grads(model, ids) -> dict[str, Tensor]:
+    """Every parameter's gradient of the training loss on ``ids``."""
+    model.train()(ids, targets=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loop", ["reference", "compact"])
+def test_halting_in_training_gives_the_observation_its_gradient(loop):
+    """Tokens that run no more than live_steps iterations are replayed from h_0 with gradient,
+    as with halting off: at a tolerance no token meets, halting on trains exactly like off (the
+    no-grad pass's copy of h_0 is detached; starting the replay from it loses the gradient into
+    the embedding and the SSM)."""
+    ids = tokens(2, 6)
+    knobs = dict(k_max=3, live_steps=3, halt_in_training=True, halt_tol=1e-9, loop=loop)
+    off = parameter_grads(tiny_model(halting=False, **knobs), ids)
+    on = parameter_grads(tiny_model(halting=True, **knobs), ids)
+    assert on.keys() == off.keys() and off["embed.weight"].abs().sum() > 0
+    for name in off:
+        torch.testing.assert_close(on[name], off[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_settle_rejects_an_unknown_loop_or_rule():
+    model = tiny_model(k_max=2).eval()
+    with torch.no_grad():
+        context = model.pool.token_clocked(model.embed(tokens(1, 4)), None)
+    args = dict(k_max=2, k_min=1, halting=True, rule="first", tol=0.1, live_steps=0, loop="compact")
+    for bad, message in [(dict(loop="compat"), "loop must be one of compact, reference, got 'compat'"),
+                         (dict(rule="frist"), "rule must be one of first, second, got 'frist'")]:
+        with pytest.raises(ValueError, match=message):
+            settle(model.workspace, model.pool, context, **{**args, **bad})
+
+
 # ---------------------------------------------------------------- absorbed read
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -642,15 +674,43 @@ def graphed_keys(model) -> list:
     return [] if graphs is None else list(graphs.steps)
 
 
-def halting_off_settle(model, ids, cuda_graph, **knobs):
-    """Evaluation with halting off, as the model runs it (autocast as the caller set it)."""
+def halting_off_settle(model, ids, cuda_graph, context=None, **knobs):
+    """Evaluation with halting off, as the model runs it (autocast as the caller set it), on
+    ``ids`` or a ``context`` made before."""
     model.config.cuda_graph = cuda_graph
     with torch.no_grad():
-        context = model.pool.token_clocked(model.embed(ids), None)
+        if context is None:
+            context = model.pool.token_clocked(model.embed(ids), None)
         args = dict(k_max=model.config.k_max, k_min=1, halting=False, rule="first", tol=0.1, live_steps=0,
                     loop="reference", cuda_graph=cuda_graph)
         args.update(knobs)
         return settle(model.workspace, model.pool, context, **args)
+
+
+def test_cuda_graph_with_every_iteration_live_trains_like_the_loop(graphs_on_cpu):
+    """Halting off with live_steps = k_max: no iteration runs without gradient, so nothing is
+    captured and h_0 keeps its gradient (a no-grad copy of it would cut the embedding's)."""
+    ids = tokens(2, 5)
+    grads = {cuda_graph: parameter_grads(tiny_model(k_max=3, live_steps=3, cuda_graph=cuda_graph), ids)
+             for cuda_graph in (False, True)}
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-6, atol=0, msg=name)
+
+
+def test_graphed_step_copies_a_context_changed_between_calls(graphs_on_cpu):
+    """The halting-off loop's capture copies the context in at every settle call: the same
+    context object, changed and settled again, replays the new values."""
+    model = tiny_model(k_max=4).eval()
+    with torch.no_grad():
+        model.workspace.k_proj.weight.mul_(30)  # so that the slots matter to h
+        context = model.pool.token_clocked(model.embed(tokens(2, 6)), None)
+        halting_off_settle(model, None, True, context=context)
+        context.fixed["ssm"] = 10 * torch.randn_like(context.fixed["ssm"])
+        graphed_h = halting_off_settle(model, None, True, context=context).h
+        plain_h = halting_off_settle(model, None, False, context=context).h
+    assert graphed_keys(model)
+    torch.testing.assert_close(graphed_h, plain_h, rtol=1e-5, atol=1e-6)
 
 
 def test_cuda_graph_is_the_plain_loop_where_it_cannot_capture():

@@ -200,11 +200,12 @@ def graphed_step(step: Callable, workspace, pool: ExpertPool, step_name: str) ->
     graphs = _graphs_of(workspace)
     casts = _cast_weights(graphs, workspace, pool)
     fixed = _fixed_key(workspace, pool, step_name, casts)
+    this_call = object()  # a capture copies the context in once per settle call
 
     def call(h: Tensor, cum: Tensor, _pool: ExpertPool, context: TokenContext):
         key = (fixed, _context_key(context, [h, cum, *_context_tensors(context)]))
         captured = graphs.keep(key, lambda: _CapturedStep(step, pool, context, h, cum, graphs, casts))
-        return captured.run(h, cum, context)
+        return captured.run(h, cum, context, this_call)
 
     return call
 
@@ -314,16 +315,18 @@ class _CapturedStep:
     def __init__(self, step, pool, context, h, cum, graphs: _Graphs, casts: CastWeights | None):
         self.h, self.cum = h.clone(), cum.clone()
         self.context = _clone_context(context)
-        self.source = weakref.ref(context)  # the context now in the buffers
+        self.call: object | None = None  # the settle call whose context is in the buffers
         self.casts = casts  # read by the graph: kept alive with it
         run = _autocast_run(lambda: step(self.h, self.cum, pool, self.context), casts)
         self.graph, self.outputs = graphs.capture(run)
 
-    def run(self, h: Tensor, cum: Tensor, context: TokenContext) -> tuple[Tensor, Tensor, Tensor]:
-        if self.source() is not context:  # a new context: copied once, then reused every iteration
+    def run(self, h: Tensor, cum: Tensor, context: TokenContext, call: object) -> tuple[Tensor, Tensor, Tensor]:
+        """Replay on (h, cum) and ``context``, copied in at the first iteration of each settle
+        ``call`` (a context object may be changed and settled again: its identity is no key)."""
+        if self.call is not call:
             for buffer, x in zip(_context_tensors(self.context), _context_tensors(context)):
                 buffer.copy_(x)
-            self.source = weakref.ref(context)
+            self.call = call
         self.h.copy_(h)
         self.cum.copy_(cum)
         self.graph.replay()

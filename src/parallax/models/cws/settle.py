@@ -9,9 +9,11 @@ early once every token has halted. With gradient:
 * halting on (``halt_in_training``): a no-grad pass runs the whole halting loop and keeps,
   per token, the state it had ``live_steps`` iterations before it halted (a masked ring of
   ``live_steps`` states, so again nothing grows with K). The live steps then replay each
-  token's last ``live_steps`` iterations from that state with gradient. A token's trajectory
-  depends only on its own state and the token-clocked context, so the replay reproduces
-  exactly the values of the no-grad pass.
+  token's last ``live_steps`` iterations from that state with gradient (from h_0 itself where
+  a token ran no more than ``live_steps`` iterations, so its observation gets gradient as with
+  halting off). A token's trajectory depends only on its own state and the token-clocked
+  context, so the replay reproduces the values of the no-grad pass (exactly with the PyTorch
+  reads; to float rounding with the fused ones, whose no-grad iterations run a kernel).
 
 Token-clocked expert outputs are computed before the loop with gradient, so they receive
 gradient through the live steps like the h-clocked experts do.
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from parallax.models.cws import graphed
 from parallax.models.cws.compact import Iterations, settle_compact
+from parallax.models.cws.config import HALT_RULES, LOOPS
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
 from parallax.models.cws.workspace import Workspace, compiled_step
@@ -67,15 +70,21 @@ def settle(
     cuda_graph: bool = False,
 ) -> Settled:
     """Settle every token of ``context``; ``live_steps = 0`` means no gradient is wanted."""
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+    if rule not in HALT_RULES:
+        raise ValueError(f"rule must be one of {', '.join(HALT_RULES)}, got {rule!r}")
     live = min(live_steps, k_max)
     if halting or live < k_max or not torch.is_grad_enabled():  # iterations without gradient will run
         context = workspace.prepare(context)
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
+    h0 = h  # with gradient, for the replay of tokens that ran no more than ``live`` iterations
     b, t, _ = h.shape
     # a step of a CUDA graph (a whole decoding step, ``graph_step.py``) must not wait for the
     # device: the masked reference loop runs all k_max iterations, no early exit
     capturing = in_graph_step()
-    graphs = cuda_graph and not capturing and graphed.usable(h, context)
+    # graphs replay the iterations without gradient: with halting off and all of them live, none
+    graphs = cuda_graph and not capturing and (halting or live < k_max) and graphed.usable(h, context)
     settings = dict(
         width=workspace.n_heads * pool.total_slots, k_max=k_max, k_min=min(k_min, k_max), rule=rule, tol=tol,
         enabled=halting, device=h.device,
@@ -95,7 +104,7 @@ def settle(
         pad_to = graphed.bucket if graphs else None
         h, _, ring = settle_compact(iterations, context, h, cum, k_max=k_max, history=live, pad_to=pad_to)
         if live:
-            h = _replay(workspace, pool, context, monitor, *ring[0], live)
+            h = _replay(workspace, pool, context, monitor, h0, *ring[0], live)
         return _settled(h, monitor)
     no_grad_step = compiled_step(workspace) if compile_step else workspace.step
     if graphs:
@@ -114,7 +123,7 @@ def settle(
     else:
         with torch.no_grad():
             ring = _reference_ring_loop(no_grad_step, pool, context, monitor, h, cum, k_max, live, not capturing)
-        h = _replay(workspace, pool, context, monitor, *ring[0], live)
+        h = _replay(workspace, pool, context, monitor, h0, *ring[0], live)
     return _settled(h, monitor)
 
 
@@ -168,8 +177,11 @@ def _reference_ring_loop(step, pool, context, monitor, h, cum, k_max, live, earl
     return ring
 
 
-def _replay(workspace, pool, context, monitor, h, cum, live):
-    """Each token's last ``live`` iterations from ``ring[0]``, with gradient."""
+def _replay(workspace, pool, context, monitor, h0, h, cum, live):
+    """Each token's last ``live`` iterations from ``ring[0]`` (h, cum), with gradient. Where a
+    token ran no more than ``live`` iterations, ring[0] holds h_0 as the no-grad pass saw it,
+    detached: the replay starts from ``h0`` itself instead, so the observation gets gradient."""
+    h = torch.where((monitor.k_used <= live)[..., None], h0, h)
     for j in range(live):
         replaying = j >= live - monitor.k_used  # tokens that ran fewer than `live` iterations wait
         h_next, cum_next, _ = workspace.step(h, cum, pool, context)
