@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from parallax.checkpoint import LATEST, RUN_FORMAT_VERSION, latest_checkpoint, load_run
+from parallax.checkpoint import LATEST, RUN_FORMAT_VERSION, latest_checkpoint, load_run, save_checkpoint
 from parallax.config import RunConfig
 from parallax.errors import CheckpointError
 from parallax.train import resume_config, train
@@ -29,6 +29,26 @@ def test_only_the_newest_checkpoints_are_kept(run_dir):
     steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert steps == ["step_00000006", "step_00000012"]
     assert (run_dir / "checkpoints" / LATEST).read_text().strip() == "step_00000012"
+
+
+def test_a_later_checkpoint_never_named_latest_does_not_outlive_the_next_save(run_dir):
+    """A run killed between renaming checkpoint 20 into place and naming it latest, then resumed
+    from 12 and saved at 16: the orphan 20 goes (pruning by name kept it and dropped 16, the one
+    latest named), and so do the temporary files of an interrupted write of latest."""
+    root = run_dir / "checkpoints"
+    orphan = root / "step_00000020"
+    orphan.mkdir()
+    (root / f".{LATEST}.tmp-999").write_text("step_00000020\n")
+    run = load_run(run_dir)
+    save_checkpoint(run_dir, 16, run.model, "transformer", {}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000012", "step_00000016"]
+    assert load_run(run_dir).step == 16
+
+
+def test_meta_that_is_not_an_object_is_reported(run_dir):
+    (latest_checkpoint(run_dir) / "meta.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="no readable meta.json"):
+        load_run(run_dir)
 
 
 def test_truncated_weights_are_reported(run_dir):

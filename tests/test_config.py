@@ -34,11 +34,34 @@ def test_unknown_key_names_valid_keys():
      ("model.d_model=-4", "model.d_model must not be negative"), ("model.n_heads=0", "model.n_heads must be at least 1"),
      ("model.n_layers=0", "model.n_layers must be at least 1"), ("model.dropout=2", "dropout must be below 1"),
      ("train.lr=nan", "train.lr must be a finite number"), ("train.lr=0", "lr must be positive"),
-     ("data.length=-1", "data.length must not be negative")],
+     ("data.length=-1", "data.length must not be negative"), ("train.eval_batches=0", "eval_batches must be at least 1"),
+     ("train.beta1=1", r"beta1 must be in \[0, 1\)"), ("train.beta2=1.5", r"beta2 must be in \[0, 1\)"),
+     ("train.min_lr_ratio=5", r"min_lr_ratio must be in \[0, 1\]"), ("train.seed=9223372036854775808", "seed must be below"),
+     ("model.d_model=12", "head dimension d_model / n_heads must be even"), ("model.rope_base=0", "rope_base must be positive")],
 )
 def test_bad_values_are_one_line_errors(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         RunConfig.from_dict({}, ["model.name=transformer", "data.name=copy", override])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [("model.decoder_heads=0", "model.decoder_heads must be at least 1"),
+     ("model.siren_omega=0", "siren_omega and rope_base must be positive"),
+     ("model.rope_base=0", "siren_omega and rope_base must be positive")],
+)
+def test_bad_cws_values_are_one_line_errors(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        RunConfig.from_dict({}, ["model.name=cws", override])
+
+
+@pytest.mark.parametrize("text, fragment", [(b"model = 3\n", "section 'model' must be a table of keys, got 3"),
+                                            (b"\xff\xfe[model]\n", "is not valid TOML")])
+def test_malformed_config_files_are_one_line_errors(tmp_path, text, fragment):
+    path = tmp_path / "p.toml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=fragment):
+        RunConfig.from_dict(load_toml(path))
 
 
 def test_wrong_type_in_file_is_rejected(tmp_path):

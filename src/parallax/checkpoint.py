@@ -104,8 +104,14 @@ def save_checkpoint(
     for stale in root.glob(".step_*.tmp-*"):  # left by a process killed while it saved
         shutil.rmtree(stale, ignore_errors=True)
     write_text_atomic(root / LATEST, final.name + "\n")
+    for stale in root.glob(f".{LATEST}.tmp-*"):
+        stale.unlink(missing_ok=True)
     complete = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in complete[: max(0, len(complete) - keep)]:
+    # later steps than this one were never named latest (a run killed between the two writes,
+    # then resumed from an earlier step): another history, and never to be kept over this one
+    newer = [p for p in complete if p.name > final.name]
+    kept = [p for p in complete if p.name <= final.name]
+    for old in newer + kept[: max(0, len(kept) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -122,9 +128,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
-        return json.loads((ckpt / META).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise CheckpointError(f"checkpoint {ckpt} has no readable {META}; it is incomplete or corrupt") from None
+        meta = json.loads((ckpt / META).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {ckpt} has no readable {META}; it is incomplete or corrupt")
+    return meta
 
 
 def check_run_format(ckpt: Path) -> dict[str, Any]:

@@ -76,7 +76,8 @@ class TrainConfig:
     progress: bool = True  # the progress bar; without it the evaluation lines still print
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "save_every",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"train.{name} must be at least 1, got {getattr(self, name)}"
@@ -84,6 +85,13 @@ class TrainConfig:
                 )
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (of train.lr), got {self.min_lr_ratio}")
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be below 2**63, got {self.seed}")
         if self.parallel not in ("none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be none, ddp or fsdp, got {self.parallel!r}")
         if self.compile_mode not in COMPILE_MODES:
@@ -156,8 +164,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
 
 
@@ -186,6 +194,9 @@ def build_run_config(raw: dict[str, Any], overrides: list[str]) -> RunConfig:
         raise ConfigError(
             f"unknown config section {sorted(unknown)[0]!r}; valid sections: {', '.join(SECTIONS)}"
         )
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config section {section!r} must be a table of keys, got {table!r}")
     cli = parse_overrides(overrides)
     sections: dict[str, Any] = {}
     for section, registry, default in (("model", MODELS, DEFAULT_MODEL), ("data", DATA, DEFAULT_TASK)):
@@ -220,7 +231,9 @@ def _fill(obj: Any, table: dict[str, Any], strings: dict[str, str], where: str) 
 
 # sizes an architecture cannot have none of (each model names its own; 0 elsewhere means "from
 # the data" or "off")
-MODEL_SIZES = ("d_model", "n_heads", "n_layers", "dim", "heads", "n_embd", "n_head", "n_layer", "core_layers")
+MODEL_SIZES = (
+    "d_model", "n_heads", "n_layers", "dim", "heads", "n_embd", "n_head", "n_layer", "core_layers", "decoder_heads",
+)
 
 
 def _check_numbers(obj: Any, section: str) -> None:

@@ -81,6 +81,10 @@ class RecurrentConfig(ModelConfig):
         kv = self.n_kv_heads or self.n_heads
         if self.d_model % self.n_heads or self.n_heads % kv:
             raise ValueError("d_model must divide by n_heads, and n_heads by n_kv_heads")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"the head dimension d_model / n_heads must be even (RoPE), got {self.d_model // self.n_heads}")
+        if not self.rope_base > 0:
+            raise ValueError(f"rope_base must be positive, got {self.rope_base}")
         if self.reground not in REGROUNDING:
             raise ValueError(f"reground must be one of {', '.join(REGROUNDING)}")
         if self.iterations not in SAMPLING:

@@ -111,6 +111,8 @@ class CWSConfig(ModelConfig):
             raise ValueError(f"probe_head_dim must be even (RoPE), got {self.probe_head_dim}")
         if min(self.ssm_state, self.ssm_expand, self.ssm_chunk, self.mlp_hidden, self.siren_hidden) < 1:
             raise ValueError("ssm_state, ssm_expand, ssm_chunk, mlp_hidden and siren_hidden must be >= 1")
+        if not self.siren_omega > 0 or not self.rope_base > 0:
+            raise ValueError(f"siren_omega and rope_base must be positive, got {self.siren_omega} and {self.rope_base}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         if self.base <= 1.0:
