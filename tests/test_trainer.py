@@ -76,6 +76,21 @@ def test_bare_train_command_runs_the_default_job(tmp_path):
     assert json.loads((explicit / "config.json").read_text())["model"]["d_model"] != 64
 
 
+@pytest.mark.parametrize("progress", ["true", "false"])
+def test_train_json_prints_only_the_summary(tmp_path, tiny_sort_overrides, capsys, progress):
+    """`parallax train --json` writes JSON alone to stdout; the evaluation lines go to stderr,
+    with the progress bar or without it."""
+    import json
+
+    from parallax.cli.main import main
+
+    assert main(["train", "--json", "--out", str(tmp_path / "run"), *tiny_sort_overrides,
+                 f"train.progress={progress}"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 12
+    assert captured.err.count("step") >= 2  # the evaluations at steps 6 and 12
+
+
 def test_compile_mode_reaches_torch_compile(tmp_path, tiny_sort_overrides, monkeypatch):
     """train.compile_mode is passed on (reduce-overhead: CUDA graphs of the training step)."""
     import parallax.train.trainer as trainer_module

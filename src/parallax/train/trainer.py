@@ -288,8 +288,8 @@ class Trainer:
                 if evaluate:
                     metrics = self.evaluate()
                     logger.log(self.step, flatten_metrics(metrics, prefix="val"))
-                    if bar is not None:
-                        bar.write(format_eval_line(self.step, metrics))
+                    if bar is not None:  # to stderr with the bar: stdout is the summary's (``--json``)
+                        bar.write(format_eval_line(self.step, metrics), file=sys.stderr)
                     elif self.runtime.is_main:
                         print(format_eval_line(self.step, metrics), file=sys.stderr)
                 if save:
