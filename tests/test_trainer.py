@@ -103,8 +103,9 @@ def test_compile_mode_reaches_torch_compile(tmp_path, tiny_sort_overrides, monke
 
 
 def test_paths_that_cannot_be_written_and_bad_counts_are_one_line_errors(tmp_path, tiny_sort_overrides, capsys):
-    """An --out under a file, a sequence length the model cannot hold: exit 2 with one line on
-    stderr, no traceback and no run directory left behind; eval --batches 0 is an argument error."""
+    """An --out under a file, a sequence length the model cannot hold, an eval override it would
+    ignore: exit 2 with one line on stderr, no traceback and no run directory left behind; eval
+    --batches 0 and generate --max-new-tokens 0 are argument errors."""
     from parallax.cli.main import main
 
     a_file = tmp_path / "a_file"
@@ -113,6 +114,7 @@ def test_paths_that_cannot_be_written_and_bad_counts_are_one_line_errors(tmp_pat
         (["train", "--out", str(a_file / "run"), *tiny_sort_overrides], "Not a directory"),
         (["train", "--out", str(tmp_path / "short"), *tiny_sort_overrides, "model.max_seq_len=4"],
          "model.max_seq_len=4 is shorter than the data's sequences"),
+        (["eval", str(tmp_path), "train.steps=5"], "eval takes model.KEY=VALUE or data.KEY=VALUE overrides only"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
@@ -121,6 +123,9 @@ def test_paths_that_cannot_be_written_and_bad_counts_are_one_line_errors(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path), "--batches", "0"])
     assert exit_info.value.code == 2 and "--batches: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(tmp_path), "--prompt", "a", "--max-new-tokens", "0"])
+    assert exit_info.value.code == 2 and "--max-new-tokens: must be at least 1" in capsys.readouterr().err
 
 
 def test_swap_block_size_shorter_than_the_data_is_a_one_line_error(tmp_path, tiny_sort_overrides, capsys):

@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from parallax.cli.commands import positive_int
+from parallax.cli.commands import only_sections, positive_int
 
 HELP = "evaluate a run: metrics, K-DOF analysis and plots"
 
@@ -39,6 +39,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from parallax.eval.evaluate import evaluate_run
 
+    only_sections(args.overrides, ("model", "data"), "eval")  # a train.* one would be ignored
     results = evaluate_run(
         args.run_dir,
         overrides=list(args.overrides),

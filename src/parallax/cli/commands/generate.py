@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from parallax.cli.commands import positive_int
+
 HELP = "sample text from a trained run"
 
 # ANSI 256-colour (background, foreground) pairs from few iterations to many
@@ -22,7 +24,7 @@ FALLBACK_K_MAX = 32  # colour scale top (larger K are clamped) for configs witho
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `parallax train`")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     parser.add_argument("--top-p", type=float, default=0.95, help="1 = no nucleus filter")
