@@ -151,3 +151,17 @@ def test_data_prepared_again_with_a_larger_vocabulary_is_a_one_line_error(tmp_pa
     for load in (lambda: load_run(out), lambda: Trainer(resume_config(out, []), out, resume=True)):
         with pytest.raises(CheckpointError, match="the data changed since the run was trained"):
             load()
+
+
+def test_data_prepared_again_is_refused_on_resume(tmp_path, tiny_sort_overrides):
+    """Resuming compares the data's fingerprint with the one the run recorded at its start."""
+    from parallax.errors import CheckpointError
+
+    out = tmp_path / "run"
+    train(RunConfig.from_dict({}, tiny_sort_overrides), out)
+    env = json.loads((out / "environment.json").read_text())
+    Trainer(resume_config(out, ["train.steps=13"]), out, resume=True)  # the same data: resumes
+    env["data"] += " (prepared again)"
+    (out / "environment.json").write_text(json.dumps(env))
+    with pytest.raises(CheckpointError, match="the data changed since the run started"):
+        Trainer(resume_config(out, ["train.steps=13"]), out, resume=True)

@@ -38,6 +38,7 @@ from safetensors.torch import load_model, save_model
 from parallax.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
+ENVIRONMENT_FILE = "environment.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
@@ -226,6 +227,21 @@ class LoadedRun:
     source: Any  # DataSource
     step: int
     checkpoint: Path
+
+
+def check_same_data(run_dir: Path, source) -> None:
+    """A resumed run goes on with the data it started on: text prepared again with the same
+    vocabulary size but other tokens would otherwise pass unnoticed. The fingerprint is the one
+    ``environment.json`` recorded; a run without one is not checked (the file is descriptive)."""
+    try:
+        recorded = json.loads((Path(run_dir) / ENVIRONMENT_FILE).read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return
+    if recorded is not None and recorded != source.fingerprint():
+        raise CheckpointError(
+            f"cannot resume: the data changed since the run started ({ENVIRONMENT_FILE} records "
+            f"{recorded}, the data is now {source.fingerprint()}); start a new run or restore the data"
+        )
 
 
 def check_same_vocabulary(cfg, source) -> None:

@@ -24,6 +24,8 @@ import torch
 from parallax import __version__
 from parallax.checkpoint import (
     CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    check_same_data,
     check_same_vocabulary,
     latest_checkpoint,
     load_trainer_state,
@@ -134,6 +136,7 @@ class Trainer:
         if resume:
             if ckpt is None:
                 raise CheckpointError(f"cannot resume: {str(self.run_dir)!r} holds no checkpoint")
+            check_same_data(self.run_dir, self.source)
             state = self._restore(ckpt)
             if self.runtime.is_main:  # the train.* overrides hold for the next --resume too
                 write_text_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_json() + "\n")
@@ -151,7 +154,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_json() + "\n")
             env = describe_environment(self.cfg, self.source, count_parameters(self.model), self.runtime)
-            write_text_atomic(self.run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
+            write_text_atomic(self.run_dir / ENVIRONMENT_FILE, json.dumps(env, indent=2) + "\n")
         return None
 
     def _restore(self, ckpt: Path) -> dict[str, Any]:
