@@ -25,6 +25,15 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
+def check_rope(head_dim: int, base: float, what: str = "the head dimension") -> None:
+    """RoPE rotates pairs of channels by angles base^(-2i/d): an even head dimension and a
+    positive base, checked where a config is validated as well as where the table is built."""
+    if head_dim % 2:
+        raise ValueError(f"{what} must be even (RoPE), got {head_dim}")
+    if not base > 0:
+        raise ValueError(f"rope_base must be positive, got {base}")
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE) with cached cos/sin tables.
 
@@ -36,8 +45,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0, max_seq_len: int = 2048):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
+        check_rope(head_dim, base)
         self.head_dim = head_dim
         self.base = base
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from parallax.config import ModelConfig
-from parallax.models.layers import RMSNorm, TransformerBlock, init_weights
+from parallax.models.layers import RMSNorm, TransformerBlock, check_rope, init_weights
 from parallax.models.moe import MixtureOfExperts
 from parallax.models.output import ModelOutput, lm_loss
 from parallax.ops.fixed_point import relative_residual
@@ -81,10 +81,7 @@ class RecurrentConfig(ModelConfig):
         kv = self.n_kv_heads or self.n_heads
         if self.d_model % self.n_heads or self.n_heads % kv:
             raise ValueError("d_model must divide by n_heads, and n_heads by n_kv_heads")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"the head dimension d_model / n_heads must be even (RoPE), got {self.d_model // self.n_heads}")
-        if not self.rope_base > 0:
-            raise ValueError(f"rope_base must be positive, got {self.rope_base}")
+        check_rope(self.d_model // self.n_heads, self.rope_base, "the head dimension d_model / n_heads")
         if self.reground not in REGROUNDING:
             raise ValueError(f"reground must be one of {', '.join(REGROUNDING)}")
         if self.iterations not in SAMPLING:
