@@ -308,7 +308,7 @@ def test_absorbed_read_trains_like_the_projected_read(live_steps):
 # Triton's CPU interpreter is chosen when Triton is imported, so the kernel's CPU checks run in a
 # process of their own with TRITON_INTERPRET=1; they print what the test asserts on.
 FUSED_READ_CHECKS = r"""
-import json, math, torch
+import dataclasses, json, math, torch
 from parallax.models import build_model
 from parallax.models.cws import CWSConfig
 from parallax.models.cws.settle import settle
@@ -363,7 +363,13 @@ for n, dtype in ((0, torch.float32), (20, torch.float32), (9, torch.bfloat16)): 
     q_heads, fixed_kv, kv = torch.randn(n, 4, 10, dtype=dtype), torch.randn(n, 2, 80, dtype=dtype), torch.randn(n, 3, 80, dtype=dtype)
     torch.library.opcheck(fused_read.projected_token_read, (q_heads, None, kv, torch.rand(n, 4, 3) + 0.5, 0.9, 0.3, 1.4))
     torch.library.opcheck(fused_read.projected_token_read, (q_heads, fixed_kv, kv, torch.rand(n, 4, 5) + 0.5, 0.9, 0.3, 1.4))
+    q_columns = torch.randn(n, 47, dtype=dtype)[:, 3:43].unflatten(-1, (4, 10))  # as a wider product leaves it
+    torch.library.opcheck(fused_read.projected_token_read, (q_columns, fixed_kv, kv, torch.rand(n, 4, 5) + 0.5, 0.9, 0.3, 1.4))
 out["opcheck"] = "passed"
+cum_ = torch.rand(n, 4, 5) + 0.5
+out["q_columns"] = [torch.equal(a, b) for a, b in zip(
+    fused_read.projected_token_read(q_columns, fixed_kv, kv, cum_, 0.9, 0.3, 1.4),
+    fused_read.projected_token_read(q_columns.contiguous(), fixed_kv, kv, cum_, 0.9, 0.3, 1.4))]
 out["mismatch"] = []
 for fixed_, cum_ in ((None, torch.rand(n, 4, 3)), (fixed, torch.rand(n, 3, 3))):  # 4 heads, not 3; 3 slots, not 5
     try:
@@ -429,7 +435,22 @@ with torch.no_grad():
         m.workspace.step(h, cum, m.pool, context)
     except RuntimeError as e:
         out["unprepared"] = str(e)
-    out["prepared"] = list(m.workspace.step(h, cum, m.pool, m.workspace.prepare(context))[0].shape)
+    out["prepared"] = list(m.workspace.step(h, cum, m.pool, m.workspace.prepare(context, m.pool))[0].shape)
+# the query and the h-clocked experts' first layers as one product of h_eff (``prepare`` stacks
+# their weights) against their own products; with grounding, which the query does not read, none
+out["stacked"] = {}
+for read in FUSED:
+    for ground in (False, True):
+        m = model(read, ground=ground).eval()
+        with torch.no_grad():
+            context = m.workspace.prepare(m.pool.token_clocked(m.embed(ids), None), m.pool)
+            h, cum = m.workspace.initial_state(context.observation, m.pool.total_slots)
+            one = m.workspace.step(h, cum, m.pool, context)
+            own = m.workspace.step(h, cum, m.pool, dataclasses.replace(context, input_weight=None))
+        out["stacked"][f"{read} ground={ground}"] = {
+            "rows": None if context.input_weight is None else context.input_weight.shape[0],
+            "errors": [rel(a, b) for a, b in zip(one, own)],
+        }
 # the FLOP count of a training step that runs the projected kernel, against the absorbed read's:
 # torch's counter sees the products (the keys and values among them), the kernel's per-head scores
 # and sum, 4 S d per token and no-grad iteration, are added by hand; the difference of the two
@@ -452,7 +473,9 @@ print(json.dumps(out))
 def test_fused_read_under_the_triton_interpreter(triton_interpreter):
     """Both kernels against their references on random inputs (fp32 near 1e-6, fp16 below 1e-2);
     their custom ops' fake outputs against the real ones (``torch.library.opcheck``) and their
-    errors on shapes that disagree; and models with ``read="fused"`` and ``"fused_projected"``
+    errors on shapes that disagree, and a query read in place from a wider product's columns;
+    one iteration with the query and the experts' first layers as one product against their own
+    products; and models with ``read="fused"`` and ``"fused_projected"``
     against one with the absorbed read: the same settled states and K (halting off and on; also
     for pools of token-clocked or h-clocked experts only), the same loss and gradients (the live
     steps with grad run the PyTorch read, the others the kernel); and the FLOP count of the
@@ -477,6 +500,11 @@ def test_fused_read_under_the_triton_interpreter(triton_interpreter):
     for read, train in out["train"].items():
         assert train["same_names"] and train["loss"] < 1e-5 and train["grads"] < 1e-4, (read, train)
     assert "Workspace.prepare" in out["unprepared"] and out["prepared"] == [3, 16, 32]
+    assert out["q_columns"] == [True] * 3  # the kernel reads a strided query as a packed one
+    # d 32 for the query, 2 x 8 for the probe's, 16 for the MLP's and 16 for the SIREN's first layer
+    for case, result in out["stacked"].items():
+        assert result["rows"] == (None if case.endswith("ground=True") else 32 + 16 + 16 + 16), (case, result)
+        assert max(result["errors"]) < 1e-5, (case, result)
     assert out["flops"][0] > 0 and out["flops"][0] == pytest.approx(out["flops"][1], rel=1e-3)
 
 

@@ -306,7 +306,8 @@ if triton is not None:
 
     @triton.jit
     def _projected_token_read_kernel(
-        q_ptr, fixed_ptr, kv_ptr, cum_ptr, raw_ptr, new_cum_ptr, read_ptr,  # q and read (N, H, dh) contiguous
+        q_ptr, fixed_ptr, kv_ptr, cum_ptr, raw_ptr, new_cum_ptr, read_ptr,  # q and read (N, H, dh), (H, dh) packed
+        q_token_stride,  # read contiguous; q may be columns of a wider product's rows
         DECAY: tl.constexpr, SCALE: tl.constexpr, INV_LN_BASE: tl.constexpr,
         HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
         FIXED: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr,
@@ -318,8 +319,9 @@ if triton is not None:
         e = tl.arange(0, HEAD_DIM_P2)
         s_ok = s < SLOTS
         he_ok = (h < HEADS)[:, None] & (e < HEAD_DIM)[None, :]
-        he = token * DIM + h[:, None] * HEAD_DIM + e[None, :]  # (H, dh) into (N, H, dh)
-        q = tl.load(q_ptr + he, mask=he_ok, other=0.0).to(tl.float32)
+        head_cols = h[:, None] * HEAD_DIM + e[None, :]
+        he = token * DIM + head_cols  # (H, dh) into (N, H, dh)
+        q = tl.load(q_ptr + token * q_token_stride + head_cols, mask=he_ok, other=0.0).to(tl.float32)
         k, v = _token_kv(fixed_ptr, kv_ptr, token, s, h, e, s_ok, he_ok, FIXED, SLOTS, DIM, HEAD_DIM)
         raw = tl.sum(q[None, :, :] * k, axis=2) * SCALE  # (S, H)
         sh_ok = s_ok[:, None] & (h < HEADS)[None, :]
@@ -337,11 +339,13 @@ if triton is not None:
         raw, new_cum, read = _projected_token_read_outputs(q, fixed_kv, kv, cum)
         n, heads, head_dim = q.shape
         n_slots = cum.shape[2]
-        q, kv, cum = q.contiguous(), kv.contiguous(), cum.contiguous()
+        if q.stride(2) != 1 or q.stride(1) != head_dim:  # a token's heads not packed
+            q = q.contiguous()
+        kv, cum = kv.contiguous(), cum.contiguous()
         fixed_kv = kv if fixed_kv is None else fixed_kv.contiguous()  # not read when there are none
         if n:
             _projected_token_read_kernel[(n,)](
-                q, fixed_kv, kv, cum, raw, new_cum, read,
+                q, fixed_kv, kv, cum, raw, new_cum, read, q.stride(0),
                 DECAY=decay, SCALE=scale, INV_LN_BASE=inv_ln_base,
                 HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
                 HEAD_DIM_P2=triton.next_power_of_2(head_dim), FIXED=n_slots - kv.shape[1], SLOTS=n_slots,

@@ -8,6 +8,10 @@ keys/values are token-clocked (computed once, cached during generation), its que
 
 Position lives here (the SSM scan order, RoPE in the probe); the workspace itself never sees
 a position.
+
+Each h-clocked expert names its first layer, a product of h_eff (``input_layer``), and takes
+that product precomputed (``projected``, without the layer's bias): the workspace's fused
+reads compute it with its own query and the other experts' as one wider product.
 """
 
 from __future__ import annotations
@@ -93,6 +97,10 @@ class AttentionProbe(nn.Module):
         self.wo = nn.Parameter(torch.empty(slots, head_dim, dim).normal_(0.0, 0.02))  # per slot
         self.rope = RotaryEmbedding(head_dim, rope_base)
 
+    @property
+    def input_layer(self) -> nn.Linear:
+        return self.wq
+
     def new_cache(self, batch: int, max_len: int, device, dtype, static: bool = False) -> KVCache:
         return KVCache(batch, self.slots, self.head_dim, max_len, device, dtype, static)
 
@@ -122,6 +130,7 @@ class AttentionProbe(nn.Module):
         rows: Tensor | None = None,
         grid: tuple[int, int] | None = None,
         start: Tensor | None = None,
+        projected: Tensor | None = None,
     ) -> Tensor:
         """Slots (B, T, S, d) for h_eff (B, T, d); or, for a subset of the tokens, (1, N, S, d)
         for h_eff (1, N, d) at flat indices ``rows`` (N,) of the (B, T) grid ``grid``. ``start``
@@ -132,13 +141,13 @@ class AttentionProbe(nn.Module):
         keys and values are per sequence and the probe's share of an iteration's work is small
         (about L*S*dh per token against the workspace's S*d^2), so only the projections, which
         dominate, run on the subset. Each query's output depends on that query alone, so the
-        subset's slots equal the full grid's.
+        subset's slots equal the full grid's. ``projected``: ``wq(h_eff)``, computed elsewhere.
         """
+        q = self.wq(h_eff) if projected is None else projected
         if rows is None:
             b, t, _ = h_eff.shape
-            q = self.wq(h_eff)
         else:
-            (b, t), q_rows = grid, self.wq(h_eff[0])
+            (b, t), q_rows = grid, q[0]
             q = q_rows.new_zeros(b * t, q_rows.shape[1]).index_copy(0, rows, q_rows)
         q = q.view(b, t, self.slots, self.head_dim).transpose(1, 2)
         q = self.rope(q, keys.shape[2] - t if start is None else start)
@@ -158,8 +167,14 @@ class MLPProbe(nn.Module):
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, slots * dim, bias=False)
 
-    def forward(self, h_eff: Tensor) -> Tensor:
-        return self.down(F.silu(self.up(h_eff))).unflatten(-1, (self.slots, self.dim))
+    @property
+    def input_layer(self) -> nn.Linear:
+        return self.up
+
+    def forward(self, h_eff: Tensor, projected: Tensor | None = None) -> Tensor:
+        """``projected``: ``up(h_eff)``, computed elsewhere."""
+        hidden = self.up(h_eff) if projected is None else projected
+        return self.down(F.silu(hidden)).unflatten(-1, (self.slots, self.dim))
 
 
 class SirenPrior(nn.Module):
@@ -186,7 +201,13 @@ class SirenPrior(nn.Module):
                 layer.weight.uniform_(-bound, bound)
                 layer.bias.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
 
-    def forward(self, h_eff: Tensor) -> Tensor:
-        z = torch.sin(self.omega * self.first(h_eff))
+    @property
+    def input_layer(self) -> nn.Linear:
+        return self.first
+
+    def forward(self, h_eff: Tensor, projected: Tensor | None = None) -> Tensor:
+        """``projected``: ``h_eff @ first.weight^T`` (no bias), computed elsewhere."""
+        first = self.first(h_eff) if projected is None else projected + self.first.bias
+        z = torch.sin(self.omega * first)
         z = torch.sin(self.omega * self.hidden(z))
         return self.to_slots(z).unflatten(-1, (self.slots, self.dim))

@@ -36,7 +36,8 @@ cast would be a tensor of the capture's step). A workspace's graphs share one me
 pool: their outputs are only valid until the next replay of any of them, and are used at
 once. Each graph of an iteration also keeps its own copy of the inputs: the state and the
 token context at its size, so the buckets of one grid hold a few times one full-grid context in
-all; the probe's per-sequence keys and values (and position) are the grid capture's, which
+all; the probe's per-sequence keys and values (and position), and the workspace's stacked input
+weight (``Workspace.prepare``), are the grid capture's, which
 a working set's captures read where they are. Not used while
 ``torch.compile`` traces the model (``mode="reduce-overhead"`` then gives the whole forward
 CUDA graphs). In incremental decoding with ``cuda_graph`` the attention probe's keys are the
@@ -187,6 +188,7 @@ def _fixed_key(workspace, pool: ExpertPool, step_name: str, casts: CastWeights |
 
 def _context_key(context: TokenContext, tensors: list[Tensor]) -> tuple:
     return (context.grid, tuple(context.fixed), context.grounding is None, context.fixed_kv is None,
+            context.input_weight is None,
             tuple((t.shape, t.dtype, t.device) for t in tensors))
 
 
@@ -279,7 +281,8 @@ def _context_tensors(context: TokenContext) -> list[Tensor]:
 
 def _per_sequence(context: TokenContext) -> list[Tensor]:
     """The context's tensors that a working set shares with the grid (not gathered by rows)."""
-    return [*(context.probe_kv or ())] + ([] if context.probe_start is None else [context.probe_start])
+    shared = [*(context.probe_kv or ()), context.probe_start, context.input_weight]
+    return [x for x in shared if x is not None]
 
 
 def _clone_context(context: TokenContext, per_sequence: bool = True) -> TokenContext:
@@ -290,6 +293,7 @@ def _clone_context(context: TokenContext, per_sequence: bool = True) -> TokenCon
         grounding=None if context.grounding is None else context.grounding.clone(),
         fixed={name: x.clone() for name, x in context.fixed.items()},
         fixed_kv=None if context.fixed_kv is None else context.fixed_kv.clone(),
+        input_weight=None if context.input_weight is None else copy(context.input_weight),
         probe_kv=None if context.probe_kv is None else tuple(copy(x) for x in context.probe_kv),
         probe_start=None if context.probe_start is None else copy(context.probe_start),
         rows=None if context.rows is None else context.rows.clone(),

@@ -33,29 +33,24 @@ class TokenContext:
     ``probe_start`` the first token's position as a 0-dim device tensor (see ``AttentionProbe``);
     ``grounding`` (B, T, d) what the h-clocked experts add to h_eff (``CWSConfig.ground``);
     ``fixed_kv`` (B, T, S_f, 2 d) the workspace's keys and values of the ``fixed`` slots, for the
-    read that projects them (``Workspace.prepare``).
+    read that projects them; ``input_weight`` (d + sum of widths, d) the workspace's W_q stacked on
+    the input layers of the h-clocked experts, for the fused reads' one product of h_eff per
+    iteration (both from ``Workspace.prepare``).
 
     ``select`` gives the context of a subset of the tokens (the compact loop's working set):
     per-token tensors become (1, N, ...) rows, ``rows`` (N,) holds their flat indices into
-    the (B, T) grid of ``grid``, and ``probe_kv`` stays per sequence.
+    the (B, T) grid of ``grid``, and ``probe_kv`` stays per sequence (``input_weight`` shared).
     """
 
     observation: Tensor
     grounding: Tensor | None = None
     fixed: dict[str, Tensor] = field(default_factory=dict)
     fixed_kv: Tensor | None = None
+    input_weight: Tensor | None = None
     probe_kv: tuple[Tensor, Tensor] | None = None
     probe_start: Tensor | None = None
     rows: Tensor | None = None
     grid: tuple[int, int] | None = None
-
-    def with_fixed_kv(self, fixed_kv: Tensor) -> "TokenContext":
-        """This context with ``fixed_kv`` filled in, as a new object (CUDA graphs copy a context
-        into their buffers when a different one comes)."""
-        return TokenContext(
-            observation=self.observation, grounding=self.grounding, fixed=self.fixed, fixed_kv=fixed_kv,
-            probe_kv=self.probe_kv, probe_start=self.probe_start, rows=self.rows, grid=self.grid,
-        )
 
     def select(self, rows: Tensor) -> "TokenContext":
         """The context of the tokens at flat indices ``rows`` (N,) of this full context."""
@@ -68,6 +63,7 @@ class TokenContext:
             grounding=None if self.grounding is None else pick(self.grounding),
             fixed={name: pick(x) for name, x in self.fixed.items()},
             fixed_kv=None if self.fixed_kv is None else pick(self.fixed_kv),
+            input_weight=self.input_weight,
             probe_kv=self.probe_kv,
             probe_start=self.probe_start,
             rows=rows,
@@ -171,21 +167,32 @@ class ExpertPool(nn.Module):
         ``TokenContext.select``: (B, T, S_total, d) or (1, N, S_total, d), normalised."""
         return torch.cat([group for group in self.slot_groups(h_eff, context) if group is not None], dim=2)
 
-    def slot_groups(self, h_eff: Tensor, context: TokenContext) -> tuple[Tensor | None, Tensor | None]:
+    def input_layers(self) -> list[nn.Linear]:
+        """The h-clocked experts' first layers, each a product of h_eff, in ``slot_groups``' order."""
+        return [expert.input_layer for expert in self.h_clocked_experts()]
+
+    def slot_groups(
+        self, h_eff: Tensor, context: TokenContext, inputs: list[Tensor] | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """``forward``'s slots in two groups, (token-clocked, h-clocked), None where the pool
         has no expert of that kind: a reader that takes both (the fused read) saves the copy of
-        the token-clocked slots into the concatenation at every iteration."""
+        the token-clocked slots into the concatenation at every iteration. ``inputs``, if given,
+        are the products of h_eff with the ``input_layers``' weights (no bias), computed by the
+        caller as one product with its own (``Workspace.prepare``); only without grounding."""
         fixed = list(context.fixed.values())
         token_clocked = fixed[0] if len(fixed) == 1 else torch.cat(fixed, dim=2) if fixed else None
         if context.grounding is not None:
             h_eff = h_eff + context.grounding
+        inputs = iter(inputs or [None] * len(self.experts))
         proposals = []
         for name, expert in self.experts.items():
             if name in context.fixed:
                 continue
             if name == "attention":
-                proposals.append(expert(h_eff, *context.probe_kv, context.rows, context.grid, context.probe_start))
+                proposals.append(expert(
+                    h_eff, *context.probe_kv, context.rows, context.grid, context.probe_start, projected=next(inputs)
+                ))
             else:
-                proposals.append(expert(h_eff))
+                proposals.append(expert(h_eff, projected=next(inputs)))
         h_clocked = self.norm(torch.cat(proposals, dim=2)) if proposals else None
         return token_clocked, h_clocked

@@ -76,7 +76,7 @@ def settle(
         raise ValueError(f"rule must be one of {', '.join(HALT_RULES)}, got {rule!r}")
     live = min(live_steps, k_max)
     if halting or live < k_max or not torch.is_grad_enabled():  # iterations without gradient will run
-        context = workspace.prepare(context)
+        context = workspace.prepare(context, pool)
     h, cum = workspace.initial_state(context.observation, pool.total_slots)
     h0 = h  # with gradient, for the replay of tokens that ran no more than ``live`` iterations
     b, t, _ = h.shape

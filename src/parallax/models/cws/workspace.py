@@ -19,6 +19,8 @@ slots, and its scores cost 2 H S d per token instead of 2 S d (BENCHMARKS.md has
 ``"fused_projected"`` goes the other way when there is no gradient: the projected read, the
 token-clocked slots' keys and values computed once per forward (``prepare``), the h-clocked
 ones' as one product per iteration and the rest as one Triton kernel in head space.
+Both fused reads also compute the query and the h-clocked experts' first layers as one product
+of h_eff, their weights stacked once per forward (``prepare``).
 
 Shapes: h (B, T, d); cum and raw (B, T, H, S). Nothing here knows a slot's index or a
 token's position, so the workspace is permutation-invariant over slots; order enters only
@@ -37,6 +39,7 @@ iteration is a perturbation of rest rather than a jump from 0.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -73,13 +76,11 @@ class Workspace(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One iteration: returns (h_next (B, T, d), cum_next (B, T, H, S), raw (B, T, H, S))."""
         h_eff = self.h_norm(h)
-        token_clocked, h_clocked = pool.slot_groups(h_eff, context)  # (B, T, S_i, d) each, or None
-        q = self.q_proj(h_eff).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, dh)
         read = self.config.read
-        if read in FUSED_READS and not torch.is_grad_enabled() and fused_read.usable(q):
-            if read == "fused":
-                return self._fused(q, token_clocked, h_clocked, cum)
-            return self._fused_projected(q, token_clocked, h_clocked, cum, context.fixed_kv)
+        if read in FUSED_READS and not torch.is_grad_enabled() and fused_read.usable(h):
+            return self._fused_step(h_eff, cum, pool, context)
+        token_clocked, h_clocked = pool.slot_groups(h_eff, context)  # (B, T, S_i, d) each, or None
+        q = self._heads(self.q_proj(h_eff))
         slots = torch.cat([group for group in (token_clocked, h_clocked) if group is not None], dim=2)  # (B, T, S, d)
         if read == "projected":
             raw, read_of = self._projected(q, slots)
@@ -88,6 +89,26 @@ class Workspace(nn.Module):
         cum = self.decay * cum + (1.0 - self.decay) + raw
         weights = torch.log1p(F.silu(cum)) / math.log(self.base)
         return self.o_proj(read_of(weights).flatten(-2)), cum, raw
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(..., d) -> (..., H, dh)."""
+        return x.unflatten(-1, (self.n_heads, self.head_dim))
+
+    def _fused_step(
+        self, h_eff: Tensor, cum: Tensor, pool: ExpertPool, context: TokenContext
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``step`` without gradient through a fused read, the query and the h-clocked experts'
+        first layers as one product of h_eff where ``prepare`` stacked their weights: one launch
+        instead of four, and a wider product, which cuBLAS runs closer to its peak."""
+        if context.input_weight is None:
+            q, inputs = self.q_proj(h_eff), None
+        else:
+            widths = [self.q_proj.out_features] + [layer.out_features for layer in pool.input_layers()]
+            q, *inputs = F.linear(h_eff, context.input_weight).split(widths, dim=-1)
+        token_clocked, h_clocked = pool.slot_groups(h_eff, context, inputs)  # (B, T, S_i, d) each, or None
+        if self.config.read == "fused":
+            return self._fused(self._heads(q), token_clocked, h_clocked, cum)
+        return self._fused_projected(self._heads(q), token_clocked, h_clocked, cum, context.fixed_kv)
 
     def _fused(
         self, q: Tensor, token_clocked: Tensor | None, h_clocked: Tensor | None, cum: Tensor
@@ -109,15 +130,23 @@ class Workspace(nn.Module):
         """A fused read's (N, ...) outputs as ``step``'s: (h_next, cum', raw) over the ``lead`` dims."""
         return self.o_proj(read.reshape(*lead, -1)), cum.view(*lead, *cum.shape[1:]), raw.view(*lead, *raw.shape[1:])
 
-    def prepare(self, context: TokenContext) -> TokenContext:
-        """``context`` with what a forward's no-grad iterations read and do not change: for ``read
-        = "fused_projected"``, the keys and values of the token-clocked slots (``fixed_kv``),
-        computed without gradient (only the no-grad iterations read them)."""
-        if self.config.read != "fused_projected" or not context.fixed or not fused_read.usable(context.observation):
+    def prepare(self, context: TokenContext, pool: ExpertPool) -> TokenContext:
+        """``context`` with what a forward's no-grad iterations read and do not change, for the
+        fused reads: W_q stacked on the h-clocked experts' input layers, cast as autocast would
+        (``input_weight``; not with grounding, which the experts add to h_eff and the query
+        does not), and for ``read = "fused_projected"`` the keys and values of the token-clocked
+        slots (``fixed_kv``). Computed without gradient (only the no-grad iterations read them)."""
+        if self.config.read not in FUSED_READS or not fused_read.usable(context.observation):
             return context
         with torch.no_grad():
-            fixed = torch.cat(list(context.fixed.values()), dim=2)
-            return context.with_fixed_kv(fused_read.slot_keys_values(fixed, self._keys_values_weight().to(fixed.dtype)))
+            if context.grounding is None and pool.input_layers():
+                weight = torch.cat([self.q_proj.weight] + [layer.weight for layer in pool.input_layers()])
+                context = dataclasses.replace(context, input_weight=weight.to(_matmul_dtype(weight)))
+            if self.config.read == "fused_projected" and context.fixed:
+                fixed = torch.cat(list(context.fixed.values()), dim=2)
+                fixed_kv = fused_read.slot_keys_values(fixed, self._keys_values_weight().to(fixed.dtype))
+                context = dataclasses.replace(context, fixed_kv=fixed_kv)
+        return context
 
     def _keys_values_weight(self) -> Tensor:
         """W_k stacked on W_v, (2 d, d): the keys and values of a slot in one product."""
@@ -162,6 +191,12 @@ class Workspace(nn.Module):
         return raw, lambda weights: torch.einsum(
             "bthd,hed->bthe", torch.einsum("bths,btsd->bthd", weights, slots), w_v
         )
+
+
+def _matmul_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a product reads ``weight`` in: autocast's where it is on, else its own."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def compiled_step(workspace: Workspace):
