@@ -741,6 +741,28 @@ def test_graphed_step_copies_a_context_changed_between_calls(graphs_on_cpu):
     torch.testing.assert_close(graphed_h, plain_h, rtol=1e-5, atol=1e-6)
 
 
+def test_graphs_are_captured_again_when_kernel_settings_change(graphs_on_cpu):
+    """A graph replays the kernels it captured: after deterministic algorithms are switched on,
+    or the attention backends narrowed (``sdpa_kernel``), the next call captures anew instead
+    of replaying kernels the settings now rule out; back to the first settings, the first
+    graph replays."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_model(k_max=4).eval()
+    ids = tokens(2, 6)
+    halting_off_settle(model, ids, True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        halting_off_settle(model, ids, True)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    with sdpa_kernel(SDPBackend.MATH):
+        halting_off_settle(model, ids, True)
+    halting_off_settle(model, ids, True)
+    assert len(graphed_keys(model)) == 3
+
+
 def test_cuda_graph_is_the_plain_loop_where_it_cannot_capture():
     """On CPU the option runs the plain loop: same results, nothing captured."""
     model = tiny_model(k_max=5).eval()
