@@ -508,6 +508,22 @@ def test_fused_read_under_the_triton_interpreter(triton_interpreter):
     assert out["flops"][0] > 0 and out["flops"][0] == pytest.approx(out["flops"][1], rel=1e-3)
 
 
+def test_fused_reads_reject_a_query_not_split_into_heads():
+    """A query of (N, d), or of heads that do not match the weights', is a one-line error
+    naming both shapes, before any product or kernel."""
+    from parallax.ops import fused_read
+
+    slots, cum = torch.randn(5, 3, 32), torch.rand(5, 2, 3)
+    w_k = w_v = torch.randn(2, 8, 32)
+    for q in (torch.randn(5, 16), torch.randn(5, 4, 4)):
+        with pytest.raises(RuntimeError, match=r"fused read: q \(5, .*must be \(N, H, dh\) for W_k \(H, dh, d\) \(2, 8, 32\)"):
+            fused_read.fused_read(q, slots, cum, w_k, w_v, 0.9, 2.0)
+    with pytest.raises(RuntimeError, match=r"projected read: q \(5, 16\) must be \(N, H, dh\)"):
+        fused_read.fused_projected_read(torch.randn(5, 16), slots, cum, torch.randn(64, 32), 0.9, 2.0)
+    with pytest.raises(RuntimeError, match=r"projected read: q \(5, 2, 4\) .* \(64, 32\)"):
+        fused_read.fused_projected_read(torch.randn(5, 2, 4), slots, cum, torch.randn(64, 32), 0.9, 2.0)
+
+
 @pytest.mark.parametrize("read", ["fused", "fused_projected"])
 def test_fused_read_falls_back_to_the_absorbed_read_where_it_cannot_run(read):
     """On CPU without Triton's interpreter the PyTorch absorbed read runs: the same numbers."""

@@ -95,6 +95,10 @@ def fused_read(
     (raw is computed in fp32 and rounded to that dtype, once, after scaling, because the
     halting monitor compares it against a tolerance: kept in fp32, bf16 runs settled 1-2% fewer
     tokens at the fp32 run's K than the absorbed read's did; BENCHMARKS.md.)"""
+    torch._check(
+        q.dim() == 3 and tuple(q.shape[1:]) == tuple(w_k.shape[:2]),
+        lambda: f"fused read: q {tuple(q.shape)} must be (N, H, dh) for W_k (H, dh, d) {tuple(w_k.shape)}",
+    )
     head_dim = q.shape[-1]
     # q_slot comes out of the per-head product head-major; the kernel reads it in that layout
     q_slot = torch.einsum("nhe,hed->nhd", q, w_k.to(q.dtype))
@@ -138,6 +142,11 @@ def fused_projected_read(
     whose keys and values do not change from one iteration to the next.
     ``slots`` None: the ``fixed_kv`` are every slot's. Dtypes as ``fused_read``'s: cum' in
     cum's, raw and read in q's."""
+    torch._check(
+        q.dim() == 3 and 2 * q.shape[1] * q.shape[2] == w_kv.shape[0],
+        lambda: f"projected read: q {tuple(q.shape)} must be (N, H, dh) for W_k stacked on W_v (2 H dh, d) "
+        f"{tuple(w_kv.shape)}",
+    )
     head_dim = q.shape[-1]
     if slots is None:
         kv, fixed_kv = fixed_kv, None
