@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch._dynamo.utils import counters
 
@@ -506,6 +507,18 @@ def test_fused_read_under_the_triton_interpreter(triton_interpreter):
         assert result["rows"] == (None if case.endswith("ground=True") else 32 + 16 + 16 + 16), (case, result)
         assert max(result["errors"]) < 1e-5, (case, result)
     assert out["flops"][0] > 0 and out["flops"][0] == pytest.approx(out["flops"][1], rel=1e-3)
+
+
+def test_experts_first_layer_products_are_refused_with_grounding():
+    """With grounding the experts read h_eff + grounding, so products of h_eff alone given for
+    their first layers would silently drop it: an error instead."""
+    model = tiny_model(ground=True).eval()
+    with torch.no_grad():
+        context = model.pool.token_clocked(model.embed(tokens(2, 5)), None)
+        h_eff = model.workspace.h_norm(context.observation)
+        inputs = [F.linear(h_eff, layer.weight) for layer in model.pool.input_layers()]
+        with pytest.raises(ValueError, match="cannot be given with grounding"):
+            model.pool.slot_groups(h_eff, context, inputs)
 
 
 def test_fused_reads_reject_a_query_not_split_into_heads():
@@ -1220,7 +1233,8 @@ def test_planned_set_sizes_replay_the_compact_loop(pad, tol):
 
 
 def test_cast_weights_are_autocasts_own_values():
-    """A step reading the casts gives autocast's results exactly; the casts cover the Linear
+    """A step reading the casts gives autocast's results exactly, also for the experts given their
+    first layers' products (a bias added as autocast adds it); the casts cover the Linear
     layers an iteration runs (not the token-clocked SSM's) and the attention probe's per-slot
     output projection (a plain parameter in an einsum), follow in-place updates on refresh,
     and the layers get their own weights back, also after an error inside."""
@@ -1245,6 +1259,13 @@ def test_cast_weights_are_autocasts_own_values():
         with casts.swapped():
             assert workspace.q_proj.weight.dtype == probe.wo.dtype == torch.bfloat16
             cast = workspace.step(h, cum, pool, context)
+        # the experts given their first layers' products (the fused reads' one product of h_eff)
+        h_eff = workspace.h_norm(h)
+        inputs = [F.linear(h_eff, layer.weight.to(torch.bfloat16)) for layer in pool.input_layers()]
+        plain += pool.slot_groups(h_eff, context, inputs)
+        with casts.swapped():
+            cast += pool.slot_groups(h_eff, context, inputs)
+    assert len(cast) == len(plain) == 5
     for x, y in zip(cast, plain):
         assert torch.equal(x, y)
     weights = dict(model.named_parameters())

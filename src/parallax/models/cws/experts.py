@@ -206,8 +206,9 @@ class SirenPrior(nn.Module):
         return self.first
 
     def forward(self, h_eff: Tensor, projected: Tensor | None = None) -> Tensor:
-        """``projected``: ``h_eff @ first.weight^T`` (no bias), computed elsewhere."""
-        first = self.first(h_eff) if projected is None else projected + self.first.bias
+        """``projected``: ``h_eff @ first.weight^T`` (no bias), computed elsewhere; the bias is
+        added in its dtype, as autocast casts it (and as a CUDA graph's weight casts hold it)."""
+        first = self.first(h_eff) if projected is None else projected + self.first.bias.to(projected.dtype)
         z = torch.sin(self.omega * first)
         z = torch.sin(self.omega * self.hidden(z))
         return self.to_slots(z).unflatten(-1, (self.slots, self.dim))

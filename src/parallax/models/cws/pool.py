@@ -178,7 +178,10 @@ class ExpertPool(nn.Module):
         has no expert of that kind: a reader that takes both (the fused read) saves the copy of
         the token-clocked slots into the concatenation at every iteration. ``inputs``, if given,
         are the products of h_eff with the ``input_layers``' weights (no bias), computed by the
-        caller as one product with its own (``Workspace.prepare``); only without grounding."""
+        caller (``Workspace._fused_step``, one product with the weights ``Workspace.prepare``
+        stacks); not with grounding, which the experts add to h_eff before their first layers."""
+        if inputs is not None and context.grounding is not None:
+            raise ValueError("the experts' first-layer products cannot be given with grounding: they read h_eff + grounding")
         fixed = list(context.fixed.values())
         token_clocked = fixed[0] if len(fixed) == 1 else torch.cat(fixed, dim=2) if fixed else None
         if context.grounding is not None:

@@ -20,7 +20,7 @@ slots, and its scores cost 2 H S d per token instead of 2 S d (BENCHMARKS.md has
 token-clocked slots' keys and values computed once per forward (``prepare``), the h-clocked
 ones' as one product per iteration and the rest as one Triton kernel in head space.
 Both fused reads also compute the query and the h-clocked experts' first layers as one product
-of h_eff, their weights stacked once per forward (``prepare``).
+of h_eff, their weights stacked once per forward (``prepare``; not with grounding).
 
 Shapes: h (B, T, d); cum and raw (B, T, H, S). Nothing here knows a slot's index or a
 token's position, so the workspace is permutation-invariant over slots; order enters only
@@ -99,7 +99,7 @@ class Workspace(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``step`` without gradient through a fused read, the query and the h-clocked experts'
         first layers as one product of h_eff where ``prepare`` stacked their weights: one launch
-        instead of four, and a wider product, which cuBLAS runs closer to its peak."""
+        instead of one per layer, and a wider product, which cuBLAS runs closer to its peak."""
         if context.input_weight is None:
             q, inputs = self.q_proj(h_eff), None
         else:
