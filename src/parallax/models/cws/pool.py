@@ -52,6 +52,12 @@ class TokenContext:
     rows: Tensor | None = None
     grid: tuple[int, int] | None = None
 
+    def token_clocked_slots(self) -> Tensor | None:
+        """The ``fixed`` slots as one (..., S_f, d) tensor, in the pool's order (no copy when one
+        expert gives them all), or None."""
+        fixed = list(self.fixed.values())
+        return fixed[0] if len(fixed) == 1 else torch.cat(fixed, dim=2) if fixed else None
+
     def select(self, rows: Tensor) -> "TokenContext":
         """The context of the tokens at flat indices ``rows`` (N,) of this full context."""
 
@@ -182,8 +188,7 @@ class ExpertPool(nn.Module):
         stacks); not with grounding, which the experts add to h_eff before their first layers."""
         if inputs is not None and context.grounding is not None:
             raise ValueError("the experts' first-layer products cannot be given with grounding: they read h_eff + grounding")
-        fixed = list(context.fixed.values())
-        token_clocked = fixed[0] if len(fixed) == 1 else torch.cat(fixed, dim=2) if fixed else None
+        token_clocked = context.token_clocked_slots()
         if context.grounding is not None:
             h_eff = h_eff + context.grounding
         inputs = iter(inputs or [None] * len(self.experts))

@@ -143,7 +143,7 @@ class Workspace(nn.Module):
                 weight = torch.cat([self.q_proj.weight] + [layer.weight for layer in pool.input_layers()])
                 context = dataclasses.replace(context, input_weight=weight.to(_matmul_dtype(weight)))
             if self.config.read == "fused_projected" and context.fixed:
-                fixed = torch.cat(list(context.fixed.values()), dim=2)
+                fixed = context.token_clocked_slots()
                 fixed_kv = fused_read.slot_keys_values(fixed, self._keys_values_weight().to(fixed.dtype))
                 context = dataclasses.replace(context, fixed_kv=fixed_kv)
         return context
