@@ -139,8 +139,9 @@ class Workspace(nn.Module):
         if self.config.read not in FUSED_READS or not fused_read.usable(context.observation):
             return context
         with torch.no_grad():
-            if context.grounding is None and pool.input_layers():
-                weight = torch.cat([self.q_proj.weight] + [layer.weight for layer in pool.input_layers()])
+            layers = pool.input_layers()
+            if context.grounding is None and layers:
+                weight = torch.cat([self.q_proj.weight] + [layer.weight for layer in layers])
                 context = dataclasses.replace(context, input_weight=weight.to(_matmul_dtype(weight)))
             if self.config.read == "fused_projected" and context.fixed:
                 fixed = context.token_clocked_slots()
