@@ -792,6 +792,27 @@ def test_graphs_are_captured_again_when_kernel_settings_change(graphs_on_cpu):
     assert len(graphed_keys(model)) == 3
 
 
+def test_graphs_are_captured_again_for_a_replaced_submodule(graphs_on_cpu):
+    """The graph keys read the modules' own dicts (``tensor_addresses``), not a cached list: a
+    layer swapped for a new one (new weights at new addresses) is captured anew, and the
+    graphed loop computes with the new layer."""
+    from torch import nn
+
+    from parallax.models.cast_weights import tensor_addresses
+
+    model = tiny_model(k_max=4).eval()
+    ids = tokens(2, 6)
+    expected = sorted(t.data_ptr() for m in (model.workspace, model.pool) for t in (*m.parameters(), *m.buffers()))
+    assert sorted(tensor_addresses((model.workspace, model.pool))) == expected
+    halting_off_settle(model, ids, True)
+    old = model.workspace.q_proj
+    model.workspace.q_proj = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+    with torch.no_grad():
+        model.workspace.q_proj.weight.copy_(old.weight * 3)
+    assert_same_settling(halting_off_settle(model, ids, True), halting_off_settle(model, ids, False))
+    assert len(graphed_keys(model)) == 2
+
+
 def test_cuda_graph_is_the_plain_loop_where_it_cannot_capture():
     """On CPU the option runs the plain loop: same results, nothing captured."""
     model = tiny_model(k_max=5).eval()

@@ -55,7 +55,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from parallax.models.cast_weights import CastWeights, cast_weights_for
+from parallax.models.cast_weights import CastWeights, cast_weights_for, tensor_addresses
 from parallax.models.cws.compact import Iterations, shrunk_rows
 from parallax.models.cws.halting import HaltMonitor
 from parallax.models.cws.pool import ExpertPool, TokenContext
@@ -181,7 +181,7 @@ def _fixed_key(workspace, pool: ExpertPool, step_name: str, casts: CastWeights |
     it captured whatever the settings say now)."""
     return (
         step_name, workspace.config.read,
-        tuple(t.data_ptr() for m in (workspace, pool) for t in (*m.parameters(), *m.buffers())),
+        tensor_addresses((workspace, pool)),
         None if casts is None else casts.addresses(),
         torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
         torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
