@@ -771,10 +771,10 @@ def test_graphed_step_copies_a_context_changed_between_calls(graphs_on_cpu):
 
 
 def test_graphs_are_captured_again_when_kernel_settings_change(graphs_on_cpu):
-    """A graph replays the kernels it captured: after deterministic algorithms are switched on,
-    or the attention backends narrowed (``sdpa_kernel``), the next call captures anew instead
-    of replaying kernels the settings now rule out; back to the first settings, the first
-    graph replays."""
+    """A graph replays the kernels it captured: after deterministic algorithms are switched on
+    (torch's or cuDNN's), reduced-precision bf16 reductions off, or the attention backends
+    narrowed or reordered (``sdpa_kernel``), the next call captures anew instead of replaying
+    kernels the settings now rule out; back to the first settings, the first graph replays."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model = tiny_model(k_max=4).eval()
@@ -786,10 +786,22 @@ def test_graphs_are_captured_again_when_kernel_settings_change(graphs_on_cpu):
         halting_off_settle(model, ids, True)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+    with torch.backends.cudnn.flags(deterministic=not torch.backends.cudnn.deterministic):
+        halting_off_settle(model, ids, True)
+    matmul = torch.backends.cuda.matmul
+    reduced = matmul.allow_bf16_reduced_precision_reduction
+    try:
+        matmul.allow_bf16_reduced_precision_reduction = not reduced
+        halting_off_settle(model, ids, True)
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = reduced
     with sdpa_kernel(SDPBackend.MATH):
         halting_off_settle(model, ids, True)
+    every = [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(every, set_priority=True):  # all allowed, as by default, tried in another order
+        halting_off_settle(model, ids, True)
     halting_off_settle(model, ids, True)
-    assert len(graphed_keys(model)) == 3
+    assert len(graphed_keys(model)) == 6
 
 
 def test_graphs_are_captured_again_for_a_replaced_submodule(graphs_on_cpu):

@@ -176,24 +176,28 @@ def _cast_weights(graphs: _Graphs, workspace, pool: ExpertPool) -> CastWeights |
 def _fixed_key(workspace, pool: ExpertPool, step_name: str, casts: CastWeights | None) -> tuple:
     """What stays fixed through one settle call, looked up once per call rather than per
     step: the addresses of parameters, buffers (RoPE tables are replaced when a longer
-    sequence comes) and weight casts, and the settings that choose kernels: precision,
-    deterministic algorithms and the attention backends allowed (a graph replays the kernels
-    it captured whatever the settings say now)."""
+    sequence comes) and weight casts, and the settings that choose kernels: precision and
+    reduced-precision reductions, deterministic algorithms (also cuDNN's) and the attention
+    backends allowed and their order (a graph replays the kernels it captured whatever the
+    settings say now)."""
     return (
         step_name, workspace.config.read,
         tensor_addresses((workspace, pool)),
         None if casts is None else casts.addresses(),
         torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
         torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-        torch.are_deterministic_algorithms_enabled(), _attention_backends(),
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, _attention_backends(),
     )
 
 
-def _attention_backends() -> tuple[bool, ...]:
-    """Which scaled-dot-product attention backends are allowed (``sdpa_kernel`` sets these)."""
+def _attention_backends() -> tuple:
+    """Which scaled-dot-product attention backends are allowed, and in which order they are
+    tried (``sdpa_kernel`` sets both)."""
     cuda = torch.backends.cuda
     return (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
-            cuda.cudnn_sdp_enabled())
+            cuda.cudnn_sdp_enabled(), tuple(torch._C._get_sdp_priority_order()))
 
 
 def _context_key(context: TokenContext, tensors: list[Tensor]) -> tuple:
